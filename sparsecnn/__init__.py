@@ -1,0 +1,39 @@
+"""sparsecnn: spatially-sparse convolutional networks (B. Graham, arXiv 1409.6070).
+
+>>> import sparsecnn as scn
+>>> x = scn.SparseTensor(coords, features, spatial_shape=(96, 96))
+>>> model = scn.models.DeepCNet(5, 32, num_classes=100)
+>>> loss = scn.cross_entropy(model(x), labels); loss.backward()
+"""
+
+__version__ = "0.1.0"
+
+from . import functional, models, optim  # noqa: E402
+from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
+from .functional import cross_entropy  # noqa: E402
+from .io import load, save  # noqa: E402
+from .nn import (  # noqa: E402
+    AveragePooling,
+    BatchNorm,
+    Convolution,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    Linear,
+    MaxPooling,
+    Module,
+    NetworkInNetwork,
+    ReLU,
+    Sequential,
+    SparseToDense,
+    SubmanifoldConvolution,
+)
+from .tensor import SparseTensor, Tensor  # noqa: E402
+
+__all__ = [
+    "SparseTensor", "Tensor", "Parameter", "no_grad", "is_grad_enabled",
+    "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
+    "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
+    "SparseToDense", "Flatten", "Linear", "cross_entropy", "save", "load",
+    "functional", "models", "optim", "__version__",
+]

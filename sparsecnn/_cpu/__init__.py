@@ -1,0 +1,30 @@
+"""CPU kernels: Cython + OpenMP, BLAS through scipy.linalg.cython_blas.
+
+Every name in KERNEL_NAMES exists with the same signature in sparsecnn._gpu. Kernels take
+C-contiguous arrays (int32 indices, int64 offsets, float32/float64 features), allocate and
+return their outputs, and do not validate user input (sparsecnn.functional does).
+"""
+from ._conv import conv_backward as _conv_backward
+from ._conv import conv_forward as _conv_forward
+from ._openmp import USE_OPENMP, max_threads
+from ._pool import avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward
+from ._rulebook import build_conv_rulebook, build_hash, build_submanifold_rulebook
+from ._threads import blas_info, single_threaded_blas, with_single_threaded_blas
+
+conv_forward = with_single_threaded_blas(_conv_forward)
+conv_backward = with_single_threaded_blas(_conv_backward)
+
+KERNEL_NAMES = (
+    "build_hash",
+    "build_conv_rulebook",
+    "build_submanifold_rulebook",
+    "conv_forward",
+    "conv_backward",
+    "maxpool_forward",
+    "maxpool_backward",
+    "avgpool_forward",
+    "avgpool_backward",
+)
+
+__all__ = [*KERNEL_NAMES, "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
+           "single_threaded_blas"]

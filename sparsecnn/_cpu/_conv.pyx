@@ -1,0 +1,186 @@
+"""Sparse convolution kernels (CPU): gather -> GEMM -> scatter, per filter offset.
+
+Pairs of one offset are cut into fixed chunks; OpenMP threads take chunks, gather the rows
+into a private buffer, multiply with BLAS (held at one thread by the caller) and scatter-add.
+Within one offset an output (or input) row occurs at most once, so scatters never race; the
+offsets run in order, so every sum has a fixed order and results are bitwise reproducible
+whatever the number of threads. Weight gradients go to per-chunk partial buffers that are
+summed afterwards in chunk order (no float atomics).
+"""
+from cython cimport floating
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
+
+cdef enum:
+    FWD_CHUNK = 256     # rows per forward task (gather + result buffers stay in L2)
+    BWD_MIN_CHUNK = 256  # rows per backward task, at least
+    BWD_MAX_CHUNKS = 32  # per offset: bounds the partial weight-gradient buffers
+    SMALL_CIN = 4       # below this many input channels a GEMM is the wrong tool
+
+
+cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
+                     const int32_t* in_idx, const int32_t* out_idx, Py_ssize_t r,
+                     int cin, int cout, floating* gbuf, floating* ybuf,
+                     floating* out) noexcept nogil:
+    """out[out_idx[t]] += w^T (x[in_idx[t]] - g) for t < r."""
+    cdef Py_ssize_t t, ci, co
+    cdef const floating* xr
+    cdef floating* orow
+    cdef floating v
+    if cin < SMALL_CIN:
+        for t in range(r):
+            xr = x + <Py_ssize_t>in_idx[t] * cin
+            orow = out + <Py_ssize_t>out_idx[t] * cout
+            for ci in range(cin):
+                v = xr[ci] - g[ci]
+                for co in range(cout):
+                    orow[co] += v * w[ci * cout + co]
+        return
+    for t in range(r):
+        xr = x + <Py_ssize_t>in_idx[t] * cin
+        for ci in range(cin):
+            gbuf[t * cin + ci] = xr[ci] - g[ci]
+    _gemm_nn(<int>r, cout, cin, gbuf, w, <floating>0, ybuf)
+    for t in range(r):
+        orow = out + <Py_ssize_t>out_idx[t] * cout
+        for co in range(cout):
+            orow[co] += ybuf[t * cout + co]
+
+
+def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
+                 const floating[::1] bias, const floating[::1] ground,
+                 const int32_t[::1] in_idx, const int32_t[::1] out_idx,
+                 const int64_t[::1] offsets, Py_ssize_t n_out):
+    """out[o] = bias + sum over pairs (i, o) of offset k of weight[k]^T (features[i] - ground).
+
+    features : (n_in, C_in) float32/float64      # IN
+    weight : (K, C_in, C_out), bias : (C_out,)   # IN (bias: the row outputs start from)
+    ground : (C_in,)                             # IN, value of the inactive input sites
+    in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64    # IN, the rulebook
+    Returns out : (n_out, C_out).
+    """
+    cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
+    dtype = np.float32 if floating is float else np.float64
+    out_a = np.empty((n_out, cout), dtype=dtype)
+    out_a[...] = np.asarray(bias)
+    if n_out == 0 or in_idx.shape[0] == 0:
+        return out_a
+    cdef floating[:, ::1] out = out_a
+    cdef Py_ssize_t c, a, m, nch
+    cdef floating* gbuf
+    cdef floating* ybuf
+    with nogil, parallel():
+        gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))
+        ybuf = <floating*>malloc(FWD_CHUNK * cout * sizeof(floating))
+        for k in range(K):
+            m = offsets[k + 1] - offsets[k]
+            nch = (m + FWD_CHUNK - 1) // FWD_CHUNK
+            for c in prange(nch, schedule='static'):
+                a = offsets[k] + c * FWD_CHUNK
+                _fwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &in_idx[a],
+                           &out_idx[a], min(FWD_CHUNK, offsets[k + 1] - a), cin, cout,
+                           gbuf, ybuf, &out[0, 0])
+        free(gbuf)
+        free(ybuf)
+    return out_a
+
+
+cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
+                     const floating* gy, const int32_t* in_idx, const int32_t* out_idx,
+                     Py_ssize_t r, int cin, int cout, floating* xbuf, floating* gbuf,
+                     floating* dxbuf, floating* gx, floating* dw) noexcept nogil:
+    """gx[in_idx[t]] += w gy[out_idx[t]];  dw = sum_t (x[in_idx[t]] - g) gy[out_idx[t]]^T."""
+    cdef Py_ssize_t t, ci, co
+    cdef const floating* xr
+    cdef const floating* gr
+    cdef floating* dr
+    cdef floating v, acc
+    for ci in range(cin * cout):
+        dw[ci] = 0
+    if cin < SMALL_CIN:
+        for t in range(r):
+            xr = x + <Py_ssize_t>in_idx[t] * cin
+            gr = gy + <Py_ssize_t>out_idx[t] * cout
+            dr = gx + <Py_ssize_t>in_idx[t] * cin
+            for ci in range(cin):
+                v = xr[ci] - g[ci]
+                acc = 0
+                for co in range(cout):
+                    acc = acc + w[ci * cout + co] * gr[co]
+                    dw[ci * cout + co] += v * gr[co]
+                dr[ci] += acc
+        return
+    for t in range(r):
+        xr = x + <Py_ssize_t>in_idx[t] * cin
+        gr = gy + <Py_ssize_t>out_idx[t] * cout
+        for ci in range(cin):
+            xbuf[t * cin + ci] = xr[ci] - g[ci]
+        for co in range(cout):
+            gbuf[t * cout + co] = gr[co]
+    _gemm_nt(<int>r, cin, cout, gbuf, w, <floating>0, dxbuf)    # (r, cin) = gy_r @ w^T
+    _gemm_tn(cin, cout, <int>r, xbuf, gbuf, <floating>0, dw)     # (cin, cout) = x_r^T @ gy_r
+    for t in range(r):
+        dr = gx + <Py_ssize_t>in_idx[t] * cin
+        for ci in range(cin):
+            dr[ci] += dxbuf[t * cin + ci]
+
+
+def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
+                  const floating[::1] ground, const floating[:, ::1] grad_out,
+                  const int32_t[::1] in_idx, const int32_t[::1] out_idx,
+                  const int64_t[::1] offsets):
+    """Gradients of conv_forward's pair sum.
+
+    grad_features[i] = sum over pairs (i, o, k) of weight[k] grad_out[o]
+    grad_weight[k] = sum over pairs (i, o) of offset k of (features[i] - ground) grad_out[o]^T
+    features : (n_in, C_in); weight : (K, C_in, C_out); ground : (C_in,)   # IN
+    grad_out : (n_out, C_out)                                              # IN
+    Returns grad_features (n_in, C_in), grad_weight (K, C_in, C_out).
+    (The bias/ground terms of the layer are plain sums, left to the caller.)
+    """
+    cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
+    cdef Py_ssize_t n_in = features.shape[0]
+    dtype = np.float32 if floating is float else np.float64
+    gx_a = np.zeros((n_in, cin), dtype=dtype)
+    # fixed chunking per offset, independent of the thread count
+    m_a = np.diff(np.asarray(offsets))
+    rows_a = np.maximum(BWD_MIN_CHUNK, -(-m_a // BWD_MAX_CHUNKS)).astype(np.int64)
+    nch_a = -(-m_a // rows_a)
+    base_a = np.zeros(K + 1, dtype=np.int64)
+    np.cumsum(nch_a, out=base_a[1:])
+    cdef Py_ssize_t total = base_a[K], maxrows = int(rows_a.max()) if K else 1
+    part_a = np.empty((max(total, 1), cin, cout), dtype=dtype)
+    cdef const int64_t[::1] rows = rows_a
+    cdef const int64_t[::1] nch = nch_a
+    cdef const int64_t[::1] base = base_a
+    cdef floating[:, ::1] gx = gx_a
+    cdef floating[:, :, ::1] part = part_a
+    cdef Py_ssize_t c, a, nk
+    cdef floating* xbuf
+    cdef floating* gbuf
+    cdef floating* dxbuf
+    if total:
+        with nogil, parallel():
+            xbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
+            gbuf = <floating*>malloc(maxrows * cout * sizeof(floating))
+            dxbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
+            for k in range(K):
+                nk = nch[k]
+                for c in prange(nk, schedule='static'):
+                    a = offsets[k] + c * rows[k]
+                    _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
+                               &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
+                               cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0])
+            free(xbuf)
+            free(gbuf)
+            free(dxbuf)
+    gw_a = np.zeros((K, cin, cout), dtype=dtype)
+    for k in range(K):      # chunk partials summed in a fixed order
+        if base_a[k + 1] > base_a[k]:
+            part_a[base_a[k]:base_a[k + 1]].sum(axis=0, out=gw_a[k])
+    return gx_a, gw_a

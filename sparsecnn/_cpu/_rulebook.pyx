@@ -1,0 +1,249 @@
+"""Coordinate hashing and rulebooks (CPU).
+
+A rulebook lists, for each of the K = f**d filter offsets, the (input row, output row) pairs:
+``in_idx``/``out_idx`` (int32) in CSR layout by offset with ``offsets`` (int64, K + 1).
+Offsets are numbered row-major over the window: k = ((i_0 f) + i_1) f + ...
+Within one offset every output row (and every input row) appears at most once, which is what
+lets the kernels scatter without atomics.
+"""
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+from ._hash cimport _get_or_insert, _lookup, _pack
+
+cdef enum:
+    MAX_DIM = 8
+    CHUNK = 1024
+
+
+def _capacity(Py_ssize_t n):
+    """Power-of-two table size with load factor <= 1/2 (at least 16) and its hash shift."""
+    cdef Py_ssize_t cap = 16
+    cdef int bits = 4
+    while cap < 2 * n:
+        cap *= 2
+        bits += 1
+    return cap, 64 - bits
+
+
+def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
+    """Hash the sites of a coordinate list; duplicates map to their first occurrence.
+
+    coords : (n, 1 + d) int32 (batch, c_0, ..., c_{d-1})      # IN, range-checked by the caller
+    spatial_shape : (d,) int64                                   # IN
+    Returns table_keys (cap,) int64, table_vals (cap,) int32, inverse (n,) int32 (unique row of
+    each input row, numbered in order of first occurrence) and n_unique.
+    """
+    cdef Py_ssize_t n = coords.shape[0], i
+    cdef int d = coords.shape[1] - 1
+    cap, shift_ = _capacity(n)
+    cdef int shift = shift_
+    cdef Py_ssize_t mask = cap - 1
+    keys_a = np.full(cap, -1, dtype=np.int64)
+    vals_a = np.empty(cap, dtype=np.int32)
+    inv_a = np.empty(n, dtype=np.int32)
+    cdef int64_t[::1] keys = keys_a
+    cdef int32_t[::1] vals = vals_a
+    cdef int32_t[::1] inv = inv_a
+    cdef int32_t n_unique = 0, r
+    if n == 0:
+        return keys_a, vals_a, inv_a, 0
+    with nogil:
+        for i in range(n):
+            r = _get_or_insert(&keys[0], &vals[0], mask, shift,
+                               _pack(&coords[i, 0], &spatial_shape[0], d), n_unique)
+            if r < 0:
+                inv[i] = n_unique
+                n_unique += 1
+            else:
+                inv[i] = r
+    return keys_a, vals_a, inv_a, int(n_unique)
+
+
+def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape,
+                        int filter_size, int stride):
+    """Rulebook of a valid convolution / pooling window (f, s) over unique sites.
+
+    Output site o is active iff some input site lies in its window [o*s, o*s + f)^d.
+    coords : (n, 1 + d) int32, unique sites                      # IN
+    spatial_shape : (d,) int64, input size; (N - f) % s == 0     # IN
+    Returns out_coords (n_out, 1 + d) int32 (in order of first appearance while scanning the
+    inputs in order: deterministic), in_idx, out_idx (P,) int32, offsets (K + 1,) int64 (pairs
+    of offset k ordered by input row), and the output table (keys, vals).
+    """
+    cdef Py_ssize_t n = coords.shape[0]
+    cdef int d = coords.shape[1] - 1
+    cdef int f = filter_size, s = stride, j, K = 1, span = (filter_size + stride - 1) // stride
+    cdef int64_t per_in = 1
+    for j in range(d):
+        K *= f
+        per_in *= span
+    out_shape_a = np.array([(spatial_shape[j] - f) // s + 1 for j in range(d)], dtype=np.int64)
+    cdef const int64_t[::1] out_shape = out_shape_a
+    cdef Py_ssize_t bound = n * per_in
+    cap, shift_ = _capacity(bound)
+    cdef int shift = shift_
+    cdef Py_ssize_t mask = cap - 1
+    keys_a = np.full(cap, -1, dtype=np.int64)
+    vals_a = np.empty(cap, dtype=np.int32)
+    ocoords_a = np.empty((max(bound, 1), 1 + d), dtype=np.int32)
+    tri_a = np.empty((max(bound, 1), 3), dtype=np.int32)        # (k, i, o) in scan order
+    counts_a = np.zeros(K + 1, dtype=np.int64)
+    cdef int64_t[::1] keys = keys_a
+    cdef int32_t[::1] vals = vals_a
+    cdef int32_t[:, ::1] ocoords = ocoords_a
+    cdef int32_t[:, ::1] tri = tri_a
+    cdef int64_t[::1] counts = counts_a
+    cdef int lo[MAX_DIM]
+    cdef int hi[MAX_DIM]
+    cdef int cur[MAX_DIM]
+    cdef int32_t orow[MAX_DIM + 1]
+    cdef Py_ssize_t i, P = 0
+    cdef int32_t n_out = 0, r, o
+    cdef int p, k, skip
+    cdef int64_t key
+    with nogil:
+        for i in range(n):
+            skip = 0
+            for j in range(d):
+                p = coords[i, 1 + j]
+                # o*s <= p < o*s + f  <=>  ceil((p - f + 1) / s) <= o <= floor(p / s)
+                lo[j] = 0 if p - f + 1 <= 0 else (p - f + 1 + s - 1) // s
+                hi[j] = p // s
+                if hi[j] > out_shape[j] - 1:
+                    hi[j] = <int>out_shape[j] - 1
+                if lo[j] > hi[j]:
+                    skip = 1
+                cur[j] = lo[j]
+            if skip:
+                continue
+            orow[0] = coords[i, 0]
+            while True:
+                k = 0
+                for j in range(d):
+                    orow[1 + j] = cur[j]
+                    k = k * f + (coords[i, 1 + j] - cur[j] * s)
+                key = _pack(orow, &out_shape[0], d)
+                r = _get_or_insert(&keys[0], &vals[0], mask, shift, key, n_out)
+                if r < 0:
+                    o = n_out
+                    for j in range(d + 1):
+                        ocoords[o, j] = orow[j]
+                    n_out += 1
+                else:
+                    o = r
+                tri[P, 0] = k
+                tri[P, 1] = <int32_t>i
+                tri[P, 2] = o
+                counts[k + 1] += 1
+                P += 1
+                # odometer over the candidate outputs, last dimension fastest
+                j = d - 1
+                while j >= 0:
+                    cur[j] += 1
+                    if cur[j] <= hi[j]:
+                        break
+                    cur[j] = lo[j]
+                    j -= 1
+                if j < 0:
+                    break
+    offsets_a = np.cumsum(counts_a)
+    in_a = np.empty(P, dtype=np.int32)
+    out_a = np.empty(P, dtype=np.int32)
+    cdef int32_t[::1] in_idx = in_a
+    cdef int32_t[::1] out_idx = out_a
+    cdef int64_t[::1] pos = offsets_a.copy()
+    cdef Py_ssize_t q, t
+    with nogil:
+        for q in range(P):           # stable counting sort by offset
+            t = pos[tri[q, 0]]
+            in_idx[t] = tri[q, 1]
+            out_idx[t] = tri[q, 2]
+            pos[tri[q, 0]] = t + 1
+    return (ocoords_a[:n_out].copy(), in_a, out_a, offsets_a, keys_a, vals_a)
+
+
+cdef void _neighbours(const int32_t[:, ::1] coords, const int64_t* shape, int d, int f,
+                      const int64_t* keys, const int32_t* vals, Py_ssize_t mask, int shift,
+                      Py_ssize_t a, Py_ssize_t b, int32_t* nbr, int64_t* count) noexcept nogil:
+    """nbr[(i - a) * K + k] = row of the site at x_i - f//2 + offset_k, or -1; counts per k."""
+    cdef int K = 1, j, k, kk, c, half = f // 2, outside
+    cdef int32_t row[MAX_DIM + 1]
+    cdef Py_ssize_t i
+    cdef int32_t v
+    for j in range(d):
+        K *= f
+    for i in range(a, b):
+        row[0] = coords[i, 0]
+        for k in range(K):
+            kk = k
+            outside = 0
+            for j in range(d - 1, -1, -1):
+                c = coords[i, 1 + j] + kk % f - half
+                kk = kk // f
+                if c < 0 or c >= shape[j]:
+                    outside = 1
+                row[1 + j] = c
+            v = -1
+            if not outside:
+                v = _lookup(keys, vals, mask, shift, _pack(row, shape, d))
+            nbr[(i - a) * K + k] = v
+            if v >= 0:
+                count[k] += 1
+
+
+def build_submanifold_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape,
+                               const int64_t[::1] table_keys, const int32_t[::1] table_vals,
+                               int filter_size):
+    """Rulebook of a submanifold convolution (f odd): outputs are the input sites.
+
+    Pair (j, i) at offset k when site j sits at x_i - f//2 + offset_k (inside the grid).
+    coords : (n, 1 + d) int32 unique sites; table_keys/table_vals: their hash    # IN
+    Returns in_idx, out_idx (P,) int32 and offsets (K + 1,) int64; pairs of an offset are
+    ordered by output row. Built in parallel: count per (chunk, k), prefix-sum, fill.
+    """
+    cdef Py_ssize_t n = coords.shape[0]
+    cdef int d = coords.shape[1] - 1, f = filter_size, K = 1, j, k
+    for j in range(d):
+        K *= f
+    cdef Py_ssize_t mask = table_keys.shape[0] - 1
+    cdef int shift = 64 - (int(table_keys.shape[0]).bit_length() - 1)
+    cdef Py_ssize_t nchunks = (n + CHUNK - 1) // CHUNK, c, a, b, i
+    counts_a = np.zeros((max(nchunks, 1), K), dtype=np.int64)
+    nbr_a = np.empty((max(n, 1), K), dtype=np.int32)
+    cdef int64_t[:, ::1] counts = counts_a
+    cdef int32_t[:, ::1] nbr = nbr_a
+    with nogil:
+        for c in prange(nchunks, schedule='static'):
+            a = c * CHUNK
+            b = min(a + CHUNK, n)
+            _neighbours(coords, &spatial_shape[0], d, f, &table_keys[0], &table_vals[0],
+                        mask, shift, a, b, &nbr[a, 0], &counts[c, 0])
+    per_k = counts_a.sum(axis=0)
+    offsets_a = np.zeros(K + 1, dtype=np.int64)
+    np.cumsum(per_k, out=offsets_a[1:])
+    # start of chunk c's pairs for offset k: offsets[k] + sum of counts of earlier chunks
+    start_a = offsets_a[:K][None, :] + np.cumsum(counts_a, axis=0) - counts_a
+    cdef int64_t[:, ::1] start = np.ascontiguousarray(start_a)
+    cdef Py_ssize_t P = offsets_a[K]
+    in_a = np.empty(P, dtype=np.int32)
+    out_a = np.empty(P, dtype=np.int32)
+    cdef int32_t[::1] in_idx = in_a
+    cdef int32_t[::1] out_idx = out_a
+    cdef int64_t t
+    cdef int32_t v
+    if P:
+        with nogil, parallel():
+            for c in prange(nchunks, schedule='static'):
+                for k in range(K):
+                    t = start[c, k]
+                    for i in range(c * CHUNK, min(c * CHUNK + CHUNK, n)):
+                        v = nbr[i, k]
+                        if v >= 0:
+                            in_idx[t] = v
+                            out_idx[t] = <int32_t>i
+                            t = t + 1
+    return in_a, out_a, offsets_a

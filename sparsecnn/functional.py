@@ -1,0 +1,414 @@
+"""Differentiable ops on sparse tensors, one function per op.
+
+Each op validates its arguments once, calls ``backend.kernels(device).<kernel>`` for the
+sparse work (array-module code for elementwise work), and records a backward closure.
+Every op propagates the ground state (the value of the inactive sites) exactly as the dense
+network would treat them; see design.md. With ``ground_state=False`` an op follows the other
+libraries instead: inactive sites are 0, biases apply at active sites only, max-pooling looks
+at active sites only.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from .autograd import Parameter, is_grad_enabled, record
+from .tensor import SparseTensor, Tensor
+
+__all__ = [
+    "convolution", "submanifold_convolution", "max_pooling", "average_pooling",
+    "network_in_network", "leaky_relu", "relu", "dropout", "batch_norm", "to_dense",
+    "linear", "cross_entropy", "log_softmax",
+]
+
+
+# -- validation helpers ---------------------------------------------------------------------
+def _check_sparse(x: Any, what: str) -> None:
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{what} expects a SparseTensor input, got {type(x).__name__}")
+
+
+def _check_param(p: Any, x: SparseTensor, name: str, shape: tuple[int, ...], what: str) -> None:
+    if not isinstance(p, Parameter):
+        raise TypeError(f"{what}: {name} must be a Parameter, got {type(p).__name__}")
+    if p.shape != shape:
+        raise ValueError(f"{what}: {name} has shape {p.shape}, expected {shape}")
+    if p.dtype != x.dtype:
+        raise TypeError(f"{what}: input features are {x.dtype} but {name} is {p.dtype}; cast "
+                        f"the input (x.astype) or the layer")
+    if backend.device_of(p.data) != x.device:
+        raise ValueError(f"{what}: input is on {x.device!r} but {name} is on "
+                         f"{backend.device_of(p.data)!r}; move one with .to(device)")
+
+
+def _check_channels(x: SparseTensor, cin: int, what: str) -> None:
+    if x.channels != cin:
+        raise ValueError(f"{what} expects {cin} input channels, but the input has {x.channels}")
+
+
+def _grad_or_zero(g, like):
+    return g if g is not None else like * 0
+
+
+# -- convolutions ---------------------------------------------------------------------------
+def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_geom,
+          ground_state: bool, name: str) -> SparseTensor:
+    K = backend.kernels(x.device)
+    xp = backend.xp(x.device)
+    W = weight.data
+    g_in = x.ground if ground_state else xp.zeros_like(x.ground)
+    b = bias.data if bias is not None else xp.zeros(W.shape[2], W.dtype)
+    if ground_state:
+        g_out = b + g_in @ W.sum(axis=0)
+        row = g_out
+    else:
+        g_out = xp.zeros(W.shape[2], W.dtype)
+        row = b
+    feats = K.conv_forward(x.features, W, row, g_in, rb.in_idx, rb.out_idx, rb.offsets,
+                           rb.n_out)
+    out = SparseTensor._make(out_geom, feats, g_out)
+    if not is_grad_enabled():
+        return out
+
+    def backward(grad):
+        gy, gg = grad
+        gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets)
+        if ground_state:
+            G = gg + gy.sum(axis=0)                 # d/d g_out, all outputs together
+            gW = gW + g_in[None, :, None] * G[None, None, :]
+            g_gin = W.sum(axis=0) @ G - gx.sum(axis=0)
+        else:
+            G = gy.sum(axis=0)
+            g_gin = xp.zeros_like(x.ground)
+        return (gx, g_gin), gW, G if bias is not None else None
+
+    return record(out, [x, weight, bias], backward, name)
+
+
+def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filter_size: int,
+                stride: int = 1, *, ground_state: bool = True) -> SparseTensor:
+    """Valid sparse convolution.
+
+    ``y[o] = g_out + sum over active pairs (i, k) of W_k^T (x[i] - g_in)`` with
+    ``g_out = b + sum_k W_k^T g_in``; output site o is active iff its window
+    ``[o*s, o*s + f)^d`` holds an active input site.
+
+    Parameters
+    ----------
+    x : SparseTensor with C_in channels, spatial size N per dim, (N - f) % s == 0
+    weight : Parameter of shape (f**d, C_in, C_out)
+    bias : Parameter of shape (C_out,) or None
+    """
+    what = f"Convolution(filter_size={filter_size}, stride={stride})"
+    _check_sparse(x, what)
+    K = filter_size ** x.dim
+    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
+    _check_param(weight, x, "weight", (K, x.channels, weight.shape[2]), what)
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution")
+    return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
+
+
+def submanifold_convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None,
+                            filter_size: int, *, ground_state: bool = True) -> SparseTensor:
+    """Submanifold convolution (odd f): output sites = input sites, window centred on them.
+
+    Inactive neighbours and positions outside the grid count as the input ground state.
+
+    Parameters
+    ----------
+    x : SparseTensor with C_in channels
+    weight : Parameter of shape (f**d, C_in, C_out); bias : Parameter (C_out,) or None
+    """
+    what = f"SubmanifoldConvolution(filter_size={filter_size})"
+    _check_sparse(x, what)
+    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
+    _check_param(weight, x, "weight", (filter_size ** x.dim, x.channels, weight.shape[2]), what)
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    rb = x.geometry.submanifold(filter_size)
+    return _conv(x, weight, bias, rb, x.geometry, ground_state, "submanifold_convolution")
+
+
+# -- pooling --------------------------------------------------------------------------------
+def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
+                ground_state: bool = True) -> SparseTensor:
+    """Max over each window's active sites and, if the window holds an inactive site, the
+    ground state. The output ground is the input ground. Input (n, C) -> output (n_out, C)."""
+    s = pool_size if stride is None else stride
+    _check_sparse(x, "MaxPooling")
+    rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling")
+    K = backend.kernels(x.device)
+    xp = backend.xp(x.device)
+    if ground_state:
+        feats, argmax = K.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx,
+                                          rb.offsets, rb.n_out)
+    else:   # active sites only: a window always holds one, so -inf never survives
+        neg = xp.full_like(x.ground, -xp.inf)
+        feats, argmax = K.maxpool_forward(x.features, neg, rb.in_idx, rb.out_idx, rb.offsets,
+                                          rb.n_out)
+    out = SparseTensor._make(out_geom, feats, x.ground if ground_state else x.ground * 0)
+
+    def backward(grad):
+        gy, gg = grad
+        gx, g_ground = K.maxpool_backward(gy, argmax, rb.in_idx, rb.out_idx, rb.offsets,
+                                          rb.n_in)
+        return ((gx, g_ground + gg if ground_state else xp.zeros_like(x.ground)),)
+
+    return record(out, [x], backward, "max_pooling")
+
+
+def average_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
+                    ground_state: bool = True) -> SparseTensor:
+    """Mean over each whole window, inactive sites counting as the ground state."""
+    s = pool_size if stride is None else stride
+    _check_sparse(x, "AveragePooling")
+    rb, out_geom = x.geometry.conv(pool_size, s, "AveragePooling")
+    K = backend.kernels(x.device)
+    g = x.ground if ground_state else x.ground * 0
+    feats = K.avgpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out)
+    out = SparseTensor._make(out_geom, feats, g)
+
+    def backward(grad):
+        gy, gg = grad
+        gx, g_ground = K.avgpool_backward(gy, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in)
+        return ((gx, g_ground + gg if ground_state else g * 0),)
+
+    return record(out, [x], backward, "average_pooling")
+
+
+# -- pointwise --------------------------------------------------------------------------------
+def network_in_network(x: SparseTensor, weight: Parameter, bias: Parameter | None, *,
+                       ground_state: bool = True) -> SparseTensor:
+    """1x1 convolution: features (n, C_in) @ weight (C_in, C_out) + bias, and the ground alike."""
+    what = "NetworkInNetwork"
+    _check_sparse(x, what)
+    _check_channels(x, weight.shape[0] if isinstance(weight, Parameter) else -1, what)
+    _check_param(weight, x, "weight", (x.channels, weight.shape[1]), what)
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[1],), what)
+    xp = backend.xp(x.device)
+    W = weight.data
+    b = bias.data if bias is not None else xp.zeros(W.shape[1], W.dtype)
+    feats = x.features @ W + b
+    g_out = x.ground @ W + b if ground_state else xp.zeros(W.shape[1], W.dtype)
+    out = SparseTensor._make(x.geometry, feats, g_out)
+
+    def backward(grad):
+        gy, gg = grad
+        gx = gy @ W.T
+        gW = x.features.T @ gy
+        gb = gy.sum(axis=0)
+        if ground_state:
+            gW = gW + xp.outer(x.ground, gg)
+            gb = gb + gg
+            g_gin = W @ gg
+        else:
+            g_gin = xp.zeros_like(x.ground)
+        return (gx, g_gin), gW, gb if bias is not None else None
+
+    return record(out, [x, weight, bias], backward, "network_in_network")
+
+
+def leaky_relu(x: SparseTensor, negative_slope: float = 0.01) -> SparseTensor:
+    """``max(x, 0) + slope * min(x, 0)`` on the features and on the ground."""
+    _check_sparse(x, "LeakyReLU")
+    a = np.asarray(negative_slope, dtype=x.dtype)
+    fpos = x.features > 0
+    gpos = x.ground > 0
+    feats = x.features * (fpos + (~fpos) * a).astype(x.dtype)
+    ground = x.ground * (gpos + (~gpos) * a).astype(x.dtype)
+    out = SparseTensor._make(x.geometry, feats, ground)
+
+    def backward(grad):
+        gy, gg = grad
+        return ((gy * (fpos + (~fpos) * a).astype(x.dtype),
+                 gg * (gpos + (~gpos) * a).astype(x.dtype)),)
+
+    return record(out, [x], backward, "leaky_relu")
+
+
+def relu(x: SparseTensor) -> SparseTensor:
+    """``max(x, 0)`` on the features and on the ground."""
+    _check_sparse(x, "ReLU")
+    fpos = x.features > 0
+    gpos = x.ground > 0
+    out = SparseTensor._make(x.geometry, x.features * fpos, x.ground * gpos)
+
+    def backward(grad):
+        gy, gg = grad
+        return ((gy * fpos, gg * gpos),)
+
+    return record(out, [x], backward, "relu")
+
+
+def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
+            channelwise: bool = False) -> SparseTensor:
+    """Inverted dropout on the active sites' features (training mode).
+
+    Each feature (or, with ``channelwise``, each channel of each sample) is zeroed with
+    probability p and the rest scaled by 1/(1-p). The ground keeps its expected value, so this
+    is the one op where the sparse network differs from a dense one with the same masks.
+    """
+    _check_sparse(x, "Dropout")
+    if p == 0:
+        return x
+    xp = backend.xp(x.device)
+    keep = 1.0 - p
+    if channelwise:
+        bm = rng.random((x.batch_size, x.channels)) < keep
+        batch = backend.to_device(x.coords[:, 0], "cpu") if x.n_active else np.zeros(0, int)
+        m = bm[batch]
+    else:
+        m = rng.random(x.features.shape) < keep
+    scale = xp.asarray(m / keep, dtype=x.dtype)
+    out = SparseTensor._make(x.geometry, x.features * scale, x.ground)
+    return record(out, [x], lambda g: ((g[0] * scale, g[1]),), "dropout")
+
+
+def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean, running_var,
+               *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+               ground_state: bool = True) -> SparseTensor:
+    """Batch normalisation with statistics over the active sites.
+
+    Training: per-channel mean and (biased) variance over the active features normalise the
+    features and the ground alike; ``running_mean``/``running_var`` (arrays, updated in
+    place) move towards them by ``momentum`` (the unbiased variance, as PyTorch does).
+    Evaluation: the running statistics are used.
+    """
+    _check_sparse(x, "BatchNorm")
+    _check_channels(x, gamma.shape[0] if isinstance(gamma, Parameter) else -1, "BatchNorm")
+    _check_param(gamma, x, "weight", (x.channels,), "BatchNorm")
+    _check_param(beta, x, "bias", (x.channels,), "BatchNorm")
+    xp = backend.xp(x.device)
+    n = x.n_active
+    if training:
+        if n == 0:
+            raise ValueError("BatchNorm in training mode needs at least one active site")
+        mean = x.features.mean(axis=0)
+        var = x.features.var(axis=0)
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * unbiased
+    else:
+        mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
+    inv = 1.0 / xp.sqrt(var + eps)
+    xh = (x.features - mean) * inv
+    gh = (x.ground - mean) * inv
+    feats = gamma.data * xh + beta.data
+    ground = gamma.data * gh + beta.data if ground_state else xp.zeros_like(x.ground)
+    out = SparseTensor._make(x.geometry, feats.astype(x.dtype), ground.astype(x.dtype))
+
+    def backward(grad):
+        gy, gg = grad
+        if not ground_state:
+            gg = xp.zeros_like(gg)
+        g_gamma = (gy * xh).sum(axis=0) + gg * gh
+        g_beta = gy.sum(axis=0) + gg
+        if training:
+            # the ground is an extra output that uses the statistics but is not part of them
+            s1 = (gy.sum(axis=0) + gg) / n
+            s2 = ((gy * xh).sum(axis=0) + gg * gh) / n
+            gx = gamma.data * inv * (gy - s1 - xh * s2)
+        else:
+            gx = gamma.data * inv * gy
+        g_gin = gamma.data * inv * gg
+        return (gx.astype(x.dtype), g_gin.astype(x.dtype)), g_gamma, g_beta
+
+    return record(out, [x, gamma, beta], backward, "batch_norm")
+
+
+# -- dense side -------------------------------------------------------------------------------
+def to_dense(x: SparseTensor) -> Tensor:
+    """(B, C, *spatial) Tensor with the features at the active sites and the ground elsewhere."""
+    _check_sparse(x, "SparseToDense")
+    xp = backend.xp(x.device)
+    shape = (x.batch_size, *x.spatial_shape, x.channels)
+    dense = xp.empty(shape, dtype=x.dtype)
+    dense[...] = x.ground
+    idx = tuple(x.coords[:, j] for j in range(x.coords.shape[1]))
+    if x.n_active:
+        dense[idx] = x.features
+    out = Tensor(xp.moveaxis(dense, -1, 1))
+
+    def backward(g):
+        gl = xp.moveaxis(g, 1, -1)
+        gf = gl[idx] if x.n_active else xp.zeros((0, x.channels), x.dtype)
+        gg = gl.reshape(-1, x.channels).sum(axis=0) - gf.sum(axis=0)
+        return ((xp.ascontiguousarray(gf), gg),)
+
+    return record(out, [x], backward, "to_dense")
+
+
+def linear(x: Tensor, weight: Parameter, bias: Parameter | None) -> Tensor:
+    """x (B, C_in) @ weight (C_in, C_out) + bias (C_out,) -> (B, C_out)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"Linear expects a Tensor, got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(f"Linear expects input of shape (B, {weight.shape[0]}), got {x.shape}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"Linear: input is {x.dtype} but weight is {weight.dtype}")
+    W = weight.data
+    y = x.data @ W
+    if bias is not None:
+        y = y + bias.data
+    out = Tensor(y)
+
+    def backward(g):
+        return g @ W.T, x.data.T @ g, g.sum(axis=0) if bias is not None else None
+
+    return record(out, [x, weight, bias], backward, "linear")
+
+
+def log_softmax(logits: Any) -> Any:
+    """Numerically stable log-softmax over the last axis of an array."""
+    xp = backend.xp(backend.device_of(logits))
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
+
+
+def cross_entropy(logits: Tensor, labels: Any, *, label_smoothing: float = 0.0) -> Tensor:
+    """Mean softmax cross-entropy.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (B, n_classes)
+    labels : int array of shape (B,), values in [0, n_classes)
+    label_smoothing : float in [0, 1): targets (1 - eps) one-hot + eps / n_classes
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a Tensor, got {type(logits).__name__}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (B, n_classes), got {logits.shape}")
+    B, n_cls = logits.shape
+    lab = np.asarray(backend.to_device(labels, "cpu") if hasattr(labels, "get") else labels)
+    if lab.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
+    if lab.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},), got {lab.shape}")
+    if B and (lab.min() < 0 or lab.max() >= n_cls):
+        raise ValueError(f"labels must be in [0, {n_cls}), got values in "
+                         f"[{lab.min()}, {lab.max()}]")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if B == 0:
+        raise ValueError("cross_entropy of an empty batch is undefined")
+    xp = backend.xp(logits.device)
+    lab_d = backend.to_device(lab.astype(np.int64), logits.device)
+    target = xp.zeros(logits.shape, dtype=logits.dtype)
+    target[xp.arange(B), lab_d] = 1.0
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + label_smoothing / n_cls
+    lsm = log_softmax(logits.data)
+    loss = -(target * lsm).sum() / B
+    out = Tensor(xp.asarray(loss, dtype=logits.dtype).reshape(()))
+
+    def backward(g):
+        return (g * (xp.exp(lsm) - target) / B,)
+
+    return record(out, [logits], backward, "cross_entropy")

@@ -1,0 +1,154 @@
+"""Site sets and their rulebooks.
+
+A :class:`Geometry` is one set of active sites: coordinates, spatial shape, batch size, the
+coordinate hash, and a cache of rulebooks keyed by ``(kind, f, s)``. Layers share geometry
+objects: a submanifold convolution's output has its input's geometry, and a strided
+convolution's output geometry is created once per (input geometry, f, s) and cached, so a
+network applied twice to the same input, and every backward pass, reuse every rulebook.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import backend
+
+_KEY_LIMIT = 2**62
+
+
+@dataclass(frozen=True)
+class Rulebook:
+    """Pairs (in_idx[p], out_idx[p]) for offsets[k] <= p < offsets[k + 1], k < K = f**d."""
+
+    in_idx: Any
+    out_idx: Any
+    offsets: Any
+    n_in: int
+    n_out: int
+    filter_size: int
+    stride: int
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.in_idx.shape[0])
+
+    @property
+    def kernel_volume(self) -> int:
+        return int(self.offsets.shape[0]) - 1
+
+
+def check_packable(spatial_shape: tuple[int, ...], batch_size: int) -> None:
+    """Raise if (batch, *coords) cannot be packed into one int64 key."""
+    total = max(batch_size, 1)
+    for n in spatial_shape:
+        total *= int(n)
+    if total >= _KEY_LIMIT:
+        raise ValueError(
+            f"batch_size * prod(spatial_shape) = {total} is too large for the coordinate hash "
+            f"(packed int64 keys hold at most 2**62 sites); use a smaller grid or batch")
+
+
+def conv_output_shape(spatial_shape: tuple[int, ...], f: int, s: int,
+                      what: str = "Convolution") -> tuple[int, ...]:
+    """(N - f) / s + 1 per dimension; ValueError (naming sizes that fit) otherwise."""
+    out = []
+    for j, n in enumerate(spatial_shape):
+        if n < f or (n - f) % s:
+            lo = f + ((n - f) // s) * s if n >= f else f
+            fits = f"{lo} or {lo + s}" if n > f else f"{lo}"
+            raise ValueError(
+                f"{what}(filter_size={f}, stride={s}) needs (N - {f}) % {s} == 0 and N >= {f} "
+                f"in every dimension, but spatial_shape[{j}] = {n}; an input size of {fits} "
+                f"would fit")
+        out.append((n - f) // s + 1)
+    return tuple(out)
+
+
+class Geometry:
+    """A set of unique active sites on a (batch_size, *spatial_shape) grid.
+
+    Parameters
+    ----------
+    coords : ndarray of shape (n, 1 + d), dtype=int32
+        Unique site coordinates (batch, c_0, ..., c_{d-1}), already validated.
+    spatial_shape : tuple of d ints
+    batch_size : int
+    device : "cpu" or "cuda"
+    table : (keys, vals), optional
+        The coordinate hash if the caller already has it.
+    """
+
+    def __init__(self, coords, spatial_shape: tuple[int, ...], batch_size: int,
+                 device: str = "cpu", table: tuple[Any, Any] | None = None) -> None:
+        self.coords = coords
+        self.spatial_shape = tuple(int(n) for n in spatial_shape)
+        self.batch_size = int(batch_size)
+        self.device = device
+        self._table = table
+        self._cache: dict[tuple, Any] = {}
+        self._shape_arr = np.asarray(self.spatial_shape, dtype=np.int64)
+
+    @property
+    def n_active(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def kernels(self):
+        return backend.kernels(self.device)
+
+    def shape_array(self):
+        return backend.to_device(self._shape_arr, self.device)
+
+    @property
+    def table(self) -> tuple[Any, Any]:
+        """Open-addressing hash (keys int64, vals int32) of the sites, built on first use."""
+        if self._table is None:
+            keys, vals, _, _ = self.kernels.build_hash(self.coords, self.shape_array())
+            self._table = (keys, vals)
+        return self._table
+
+    def conv(self, f: int, s: int, what: str = "Convolution") -> tuple[Rulebook, Geometry]:
+        """Rulebook and output geometry of a valid (f, s) window; cached."""
+        key = ("conv", f, s)
+        hit = self._cache.get(key)
+        if hit is None:
+            out_shape = conv_output_shape(self.spatial_shape, f, s, what)
+            oc, in_idx, out_idx, offsets, keys, vals = self.kernels.build_conv_rulebook(
+                self.coords, self.shape_array(), f, s)
+            out = Geometry(oc, out_shape, self.batch_size, self.device, (keys, vals))
+            rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s)
+            hit = self._cache[key] = (rb, out)
+        return hit
+
+    def submanifold(self, f: int) -> Rulebook:
+        """Rulebook of a submanifold convolution of odd size f (outputs = these sites); cached."""
+        key = ("sub", f, 1)
+        rb = self._cache.get(key)
+        if rb is None:
+            keys, vals = self.table
+            in_idx, out_idx, offsets = self.kernels.build_submanifold_rulebook(
+                self.coords, self.shape_array(), keys, vals, f)
+            rb = self._cache[key] = Rulebook(in_idx, out_idx, offsets, self.n_active,
+                                             self.n_active, f, 1)
+        return rb
+
+    def to(self, device: str) -> Geometry:
+        """The same sites on another device (rulebooks are rebuilt there on demand)."""
+        if device == self.device:
+            return self
+        key = ("device", device)
+        g = self._cache.get(key)
+        if g is None:
+            g = self._cache[key] = Geometry(backend.to_device(self.coords, device),
+                                            self.spatial_shape, self.batch_size, device)
+        return g
+
+    def __repr__(self) -> str:
+        return (f"Geometry(n_active={self.n_active}, spatial_shape={self.spatial_shape}, "
+                f"batch_size={self.batch_size}, device={self.device!r})")

@@ -1,0 +1,479 @@
+"""Layers: Module, Sequential and the sparse layers of design.md.
+
+Every layer and model has ``__call__``, ``parameters()`` (definition order, weight before
+bias), ``train()``/``eval()``, ``to(device)``, ``state_dict()``/``load_state_dict()``, a
+``spec()`` (JSON-able constructor arguments, used by :func:`sparsecnn.save`), and
+``input_size(output_size)``: the spatial size that yields ``output_size``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from . import backend
+from . import functional as F
+from .autograd import Parameter
+from .tensor import SparseTensor, Tensor
+
+LAYERS: dict[str, type[Module]] = {}
+
+
+def _register(cls):
+    LAYERS[cls.__name__] = cls
+    return cls
+
+
+def _check_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
+              negative_slope: float = 0.0, dtype=np.float32) -> np.ndarray:
+    """He initialisation: N(0, 2 / ((1 + a^2) fan_in)) for a (leaky) ReLU of slope a."""
+    std = math.sqrt(2.0 / ((1.0 + negative_slope ** 2) * max(fan_in, 1)))
+    return (rng.standard_normal(shape) * std).astype(dtype)
+
+
+class Module:
+    """Base class: parameters and sub-modules are found in attribute definition order."""
+
+    training: bool = True
+    ground_state: bool = True
+
+    def __call__(self, x: Any) -> Any:
+        return self.forward(x)
+
+    def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- structure ---------------------------------------------------------------------------
+    def _children(self) -> Iterator[tuple[str, Any]]:
+        for name, v in vars(self).items():
+            if isinstance(v, (Parameter, Module)):
+                yield name, v
+            elif isinstance(v, (list, tuple)) and v and all(isinstance(m, Module) for m in v):
+                for i, m in enumerate(v):
+                    yield str(i), m
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        for name, v in self._children():
+            if isinstance(v, Parameter):
+                yield prefix + name, v
+            else:
+                yield from v.named_parameters(prefix + name + ".")
+
+    def parameters(self) -> list[Parameter]:
+        """Trainable parameters in definition order (weight before bias)."""
+        return [p for _, p in self.named_parameters()]
+
+    def modules(self) -> Iterator[Module]:
+        yield self
+        for _, v in self._children():
+            if isinstance(v, Module):
+                yield from v.modules()
+
+    def _buffers(self) -> dict[str, Any]:
+        return {}
+
+    def train(self, mode: bool = True) -> Module:
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self) -> Module:
+        return self.train(False)
+
+    def set_ground_state(self, enabled: bool) -> Module:
+        """``False``: the modern libraries' semantics (inactive = 0, biases at active sites)."""
+        for m in self.modules():
+            m.ground_state = bool(enabled)
+        return self
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    @property
+    def device(self) -> str:
+        ps = self.parameters()
+        return backend.device_of(ps[0].data) if ps else getattr(self, "_device", "cpu")
+
+    def to(self, device: str) -> Module:
+        """Move parameters and buffers to ``device`` ('cpu' or 'cuda')."""
+        d = backend.require_device(device)
+        for m in self.modules():
+            m._device = d
+            for name, v in vars(m).items():
+                if isinstance(v, Parameter):
+                    v.data = backend.to_device(v.data, d)
+                    if v.grad is not None:
+                        v.grad = backend.to_device(v.grad, d)
+            for name, buf in m._buffers().items():
+                setattr(m, name, backend.to_device(buf, d))
+        return self
+
+    def astype(self, dtype: Any) -> Module:
+        """Cast parameters and buffers to float32 or float64."""
+        dt = np.dtype(dtype)
+        if dt not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        for m in self.modules():
+            for v in vars(m).values():
+                if isinstance(v, Parameter):
+                    v.data = v.data.astype(dt)
+                    v.grad = None
+            for name, buf in m._buffers().items():
+                setattr(m, name, buf.astype(dt))
+        return self
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Parameters and buffers by dotted name, as NumPy arrays (copies)."""
+        out: dict[str, np.ndarray] = {}
+        for name, p in self.named_parameters():
+            out[name] = np.array(backend.to_device(p.data, "cpu"))
+        self._collect_buffers("", out)
+        return out
+
+    def _collect_buffers(self, prefix: str, out: dict[str, np.ndarray]) -> None:
+        for name, buf in self._buffers().items():
+            out[prefix + name] = np.array(backend.to_device(buf, "cpu"))
+        for name, v in self._children():
+            if isinstance(v, Module):
+                v._collect_buffers(prefix + name + ".", out)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Copy arrays into parameters and buffers; names and shapes must match exactly."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"state_dict mismatch: missing {missing}, unexpected {extra}")
+        for k, v in state.items():
+            if tuple(np.shape(v)) != own[k].shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {tuple(np.shape(v))}, expected "
+                                 f"{own[k].shape}")
+        params = dict(self.named_parameters())
+        dev = self.device
+        for k, v in state.items():
+            if k in params:
+                p = params[k]
+                p.data = backend.to_device(np.array(v, dtype=p.data.dtype), dev)
+        self._load_buffers("", state)
+
+    def _load_buffers(self, prefix: str, state: dict[str, Any]) -> None:
+        for name, buf in self._buffers().items():
+            setattr(self, name, backend.to_device(np.array(state[prefix + name],
+                                                           dtype=buf.dtype), self.device))
+        for name, v in self._children():
+            if isinstance(v, Module):
+                v._load_buffers(prefix + name + ".", state)
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description from which :func:`sparsecnn.load` rebuilds the module."""
+        return {"type": type(self).__name__, **self._spec_args()}
+
+    def _spec_args(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        return {}
+
+    # -- sizes ---------------------------------------------------------------------------------
+    def input_size(self, output_size: int) -> int:
+        """Spatial size of the input that gives ``output_size`` (per dimension)."""
+        return output_size
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self._spec_args().items())
+        return f"{type(self).__name__}({args})"
+
+
+class _ConvBase(Module):
+    def _init_params(self, K: int, cin: int, cout: int, bias: bool, dtype, seed) -> None:
+        rng = np.random.default_rng(seed)
+        self.weight = Parameter(he_normal(rng, (K, cin, cout), K * cin, dtype=dtype))
+        self.bias = Parameter(np.zeros(cout, dtype=dtype)) if bias else None
+
+
+@_register
+class Convolution(_ConvBase):
+    """Valid sparse convolution (no padding) of size ``filter_size`` and ``stride``.
+
+    Input SparseTensor (n, C_in) on an N^d grid with ``(N - f) % s == 0``; output on the
+    ``((N - f) / s + 1)^d`` grid, active where the window holds an active input.
+    ``weight``: (f**dim, C_in, C_out), row-major window offsets; ``bias``: (C_out,).
+    Weights are He-normal (std sqrt(2 / (f**dim * C_in))), biases zero.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, filter_size: int, stride: int = 1,
+                 *, dim: int = 2, bias: bool = True, dtype: Any = np.float32,
+                 seed: int | None = None) -> None:
+        self.in_channels = _check_int(in_channels, "in_channels")
+        self.out_channels = _check_int(out_channels, "out_channels")
+        self.filter_size = _check_int(filter_size, "filter_size")
+        self.stride = _check_int(stride, "stride")
+        self.dim = _check_int(dim, "dim")
+        if self.dim > 4:
+            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
+        self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
+                          bias, dtype, seed)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if isinstance(x, SparseTensor) and x.dim != self.dim:
+            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
+                             f"dimensional")
+        return F.convolution(x, self.weight, self.bias, self.filter_size, self.stride,
+                             ground_state=self.ground_state)
+
+    def input_size(self, output_size: int) -> int:
+        return (output_size - 1) * self.stride + self.filter_size
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    filter_size=self.filter_size, stride=self.stride, dim=self.dim,
+                    bias=self.bias is not None)
+
+
+@_register
+class SubmanifoldConvolution(_ConvBase):
+    """Submanifold convolution, odd ``filter_size``: output sites = input sites."""
+
+    def __init__(self, in_channels: int, out_channels: int, filter_size: int, *, dim: int = 2,
+                 bias: bool = True, dtype: Any = np.float32, seed: int | None = None) -> None:
+        self.in_channels = _check_int(in_channels, "in_channels")
+        self.out_channels = _check_int(out_channels, "out_channels")
+        self.filter_size = _check_int(filter_size, "filter_size")
+        if self.filter_size % 2 == 0:
+            raise ValueError(f"filter_size must be odd for a submanifold convolution, got "
+                             f"{filter_size}")
+        self.dim = _check_int(dim, "dim")
+        if self.dim > 4:
+            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
+        self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
+                          bias, dtype, seed)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if isinstance(x, SparseTensor) and x.dim != self.dim:
+            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
+                             f"dimensional")
+        return F.submanifold_convolution(x, self.weight, self.bias, self.filter_size,
+                                         ground_state=self.ground_state)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    filter_size=self.filter_size, dim=self.dim, bias=self.bias is not None)
+
+
+class _PoolBase(Module):
+    def __init__(self, pool_size: int, stride: int | None = None, *, dim: int = 2) -> None:
+        self.pool_size = _check_int(pool_size, "pool_size")
+        self.stride = self.pool_size if stride is None else _check_int(stride, "stride")
+        self.dim = _check_int(dim, "dim")
+
+    def input_size(self, output_size: int) -> int:
+        return (output_size - 1) * self.stride + self.pool_size
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(pool_size=self.pool_size, stride=self.stride, dim=self.dim)
+
+
+@_register
+class MaxPooling(_PoolBase):
+    """Max pooling; the ground state is a candidate in windows with inactive sites."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state)
+
+
+@_register
+class AveragePooling(_PoolBase):
+    """Average over the whole window; inactive sites count as the ground state."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.average_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state)
+
+
+@_register
+class NetworkInNetwork(Module):
+    """1x1 convolution: ``weight`` (C_in, C_out), ``bias`` (C_out,)."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, bias: bool = True,
+                 dtype: Any = np.float32, seed: int | None = None) -> None:
+        self.in_channels = _check_int(in_channels, "in_channels")
+        self.out_channels = _check_int(out_channels, "out_channels")
+        rng = np.random.default_rng(seed)
+        self.weight = Parameter(he_normal(rng, (self.in_channels, self.out_channels),
+                                          self.in_channels, dtype=dtype))
+        self.bias = Parameter(np.zeros(self.out_channels, dtype=dtype)) if bias else None
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.network_in_network(x, self.weight, self.bias, ground_state=self.ground_state)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels,
+                    bias=self.bias is not None)
+
+
+@_register
+class ReLU(Module):
+    """max(x, 0) on features and ground."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.relu(x)
+
+
+@_register
+class LeakyReLU(Module):
+    """x if x > 0 else negative_slope * x (Graham's 'very leaky' is 1/3)."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        if not isinstance(negative_slope, (int, float)) or not 0 <= negative_slope < 1:
+            raise ValueError(f"negative_slope must be a number in [0, 1), got "
+                             f"{negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.leaky_relu(x, self.negative_slope)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(negative_slope=self.negative_slope)
+
+
+@_register
+class Dropout(Module):
+    """Inverted dropout of the active sites' features in training; identity in eval mode.
+
+    The ground state keeps its expected value, so in training mode this is the one layer
+    where the sparse network is not the dense network (which would drop inactive sites too).
+    ``channelwise=True`` drops whole channels per sample (batch-wise channel dropout).
+    """
+
+    def __init__(self, p: float = 0.5, *, channelwise: bool = False,
+                 seed: int | None = None) -> None:
+        if not isinstance(p, (int, float)) or not 0 <= p < 1:
+            raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
+        self.p = float(p)
+        self.channelwise = bool(channelwise)
+        self.rng = np.random.default_rng(seed)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if not self.training or self.p == 0:
+            return x
+        return F.dropout(x, self.p, self.rng, channelwise=self.channelwise)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(p=self.p, channelwise=self.channelwise)
+
+
+@_register
+class BatchNorm(Module):
+    """Batch normalisation over the active sites (the ground goes through the same map).
+
+    ``weight`` (gamma) and ``bias`` (beta) have shape (channels,); running statistics are
+    buffers saved with the model.
+    """
+
+    def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1,
+                 dtype: Any = np.float32) -> None:
+        self.channels = _check_int(channels, "channels")
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.weight = Parameter(np.ones(self.channels, dtype=dtype))
+        self.bias = Parameter(np.zeros(self.channels, dtype=dtype))
+        self.running_mean = np.zeros(self.channels, dtype=dtype)
+        self.running_var = np.ones(self.channels, dtype=dtype)
+
+    def _buffers(self) -> dict[str, Any]:
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
+                            training=self.training, momentum=self.momentum, eps=self.eps,
+                            ground_state=self.ground_state)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(channels=self.channels, eps=self.eps, momentum=self.momentum)
+
+
+@_register
+class SparseToDense(Module):
+    """SparseTensor -> dense Tensor (B, C, *spatial), inactive sites = ground."""
+
+    def forward(self, x: SparseTensor) -> Tensor:
+        return F.to_dense(x)
+
+
+@_register
+class Flatten(Module):
+    """Dense Tensor (B, ...) -> (B, prod(...))."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+@_register
+class Linear(Module):
+    """Dense classifier: (B, C_in) @ weight (C_in, C_out) + bias."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
+                 dtype: Any = np.float32, seed: int | None = None) -> None:
+        self.in_features = _check_int(in_features, "in_features")
+        self.out_features = _check_int(out_features, "out_features")
+        rng = np.random.default_rng(seed)
+        std = 1.0 / math.sqrt(self.in_features)
+        self.weight = Parameter((rng.standard_normal((self.in_features, self.out_features))
+                                 * std).astype(dtype))
+        self.bias = Parameter(np.zeros(self.out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _spec_args(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None)
+
+
+@_register
+class Sequential(Module):
+    """Layers applied in order; ``input_size`` chains the layers' size rules backwards."""
+
+    def __init__(self, *layers: Module) -> None:
+        for i, m in enumerate(layers):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: layer {i} is a {type(m).__name__}, not a Module")
+        self.layers = list(layers)
+
+    def forward(self, x: Any) -> Any:
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    def __getitem__(self, i: int) -> Module:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.layers)
+
+    def append(self, layer: Module) -> Sequential:
+        self.layers.append(layer)
+        return self
+
+    def input_size(self, output_size: int) -> int:
+        for m in reversed(self.layers):
+            output_size = m.input_size(output_size)
+        return output_size
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "Sequential", "layers": [m.spec() for m in self.layers]}
+
+    def __repr__(self) -> str:
+        inner = "\n".join(f"  ({i}): {m!r}" for i, m in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)"

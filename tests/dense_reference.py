@@ -1,0 +1,837 @@
+"""Dense NumPy reference implementation (test oracle) for ``sparsecnn``.
+
+Plain, slow-but-not-silly NumPy: forward and hand-written backward of every
+layer in *dense* form.  Nothing here imports ``sparsecnn``; the sparse library
+is compared against these functions.
+
+Conventions
+-----------
+* Dense feature arrays have shape ``(B, C, *spatial)`` with ``d = len(spatial)``
+  spatial dimensions (any ``d >= 1``).
+* Masks of active sites have shape ``(B, *spatial)`` (bool).
+* Convolution weights have shape ``(K, C_in, C_out)`` with ``K = f**d``; the
+  window offset ``(i0, ..., i_{d-1})`` (relative to the window origin) has
+  row-major index ``k = ((i0*f + i1)*f + i2)...``.  Hence
+  ``weight[k, ci, co] == torch_weight[co, ci, i0, i1, ...]``.
+* All arithmetic is done in float64; every result is cast back to the dtype of
+  the input it belongs to (forward outputs: dtype of ``x``; gradients: dtype of
+  the corresponding input).  Non-floating inputs give float64 results.
+* Every ``*_backward`` takes the forward's inputs plus the upstream gradient
+  and returns the gradients of the inputs (a tuple, in the documented order,
+  or a single array where the layer has a single input).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+__all__ = [
+    "window_offsets",
+    "pooled_shape",
+    "weight_to_torch_layout",
+    "weight_from_torch_layout",
+    "conv_forward",
+    "conv_backward",
+    "submanifold_forward",
+    "submanifold_backward",
+    "fold_ground_grad",
+    "maxpool_forward",
+    "maxpool_backward",
+    "avgpool_forward",
+    "avgpool_backward",
+    "nin_forward",
+    "nin_backward",
+    "relu_forward",
+    "relu_backward",
+    "leaky_relu_forward",
+    "leaky_relu_backward",
+    "batchnorm_forward",
+    "batchnorm_backward",
+    "linear_forward",
+    "linear_backward",
+    "cross_entropy_forward",
+    "cross_entropy_backward",
+    "to_dense",
+    "active_mask",
+    "gather_sites",
+    "sequential_forward",
+    "sequential_backward",
+    "deepcnet_input_size",
+    "deepcnet_layers",
+    "deepcnin_layers",
+    "deepcnet_param_shapes",
+    "deepcnin_param_shapes",
+    "deepcnet_forward",
+    "deepcnet_backward",
+    "deepcnin_forward",
+    "deepcnin_backward",
+]
+
+
+# --------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------
+
+
+def _dtype_of(a) -> np.dtype:
+    """Result dtype for an input: its own dtype if floating, else float64."""
+    dt = np.asarray(a).dtype
+    return dt if np.issubdtype(dt, np.floating) else np.dtype(np.float64)
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _cast(a, like) -> np.ndarray:
+    return np.asarray(a, dtype=_dtype_of(like))
+
+
+def _chan(v: np.ndarray, d: int) -> np.ndarray:
+    """Reshape a per-channel vector (C,) to broadcast against (B, C, *spatial)."""
+    return v.reshape((1, -1) + (1,) * d)
+
+
+def _not_channel_axes(ndim: int) -> tuple:
+    return (0,) + tuple(range(2, ndim))
+
+
+def _sum_outer(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """sum over batch and spatial positions of a[b,i,p] * b[b,o,p] -> (I, O)."""
+    axes = _not_channel_axes(a.ndim)
+    return np.tensordot(a, b, axes=(axes, axes))
+
+
+def _check_features(x: np.ndarray, name: str = "x") -> int:
+    if x.ndim < 3:
+        raise ValueError(f"{name} must have shape (B, C, *spatial) with d >= 1, got {x.shape}")
+    return x.ndim - 2
+
+
+def window_offsets(f: int, d: int) -> list:
+    """All window offsets (i0, ..., i_{d-1}) in [0, f)^d, in row-major order (index k)."""
+    return list(itertools.product(range(f), repeat=d))
+
+
+def pooled_shape(spatial, f: int, s: int) -> tuple:
+    """Per-dim output size (N - f)//s + 1 of a valid window op.
+
+    Raises ValueError unless f <= N and (N - f) % s == 0 in every dim.
+    """
+    if f < 1 or s < 1:
+        raise ValueError(f"filter size and stride must be >= 1, got f={f}, s={s}")
+    out = []
+    for n in spatial:
+        if n < f:
+            raise ValueError(f"spatial size {n} smaller than filter size {f}")
+        if (n - f) % s != 0:
+            raise ValueError(f"(N - f) % s != 0 for N={n}, f={f}, s={s}")
+        out.append((n - f) // s + 1)
+    return tuple(out)
+
+
+def _window(offset, out_shape, s) -> tuple:
+    """Index selecting x[:, :, o*s + offset] for all output positions o (shape (B, C, *out_shape)).
+    """
+    return (slice(None), slice(None)) + tuple(
+        slice(i, i + s * (n - 1) + 1, s) for i, n in zip(offset, out_shape, strict=True)
+    )
+
+
+def weight_to_torch_layout(w, f: int, d: int) -> np.ndarray:
+    """(K, C_in, C_out) library layout -> (C_out, C_in, f, ..., f) torch layout."""
+    w = np.asarray(w)
+    if w.ndim != 3 or w.shape[0] != f**d:
+        raise ValueError(f"weight shape {w.shape} incompatible with f={f}, d={d}")
+    k, cin, cout = w.shape
+    return np.ascontiguousarray(np.transpose(w, (2, 1, 0)).reshape((cout, cin) + (f,) * d))
+
+
+def weight_from_torch_layout(tw) -> np.ndarray:
+    """(C_out, C_in, f, ..., f) torch layout -> (K, C_in, C_out) library layout, K = f**d."""
+    tw = np.asarray(tw)
+    if tw.ndim < 3:
+        raise ValueError(f"torch weight must have shape (C_out, C_in, f, ...), got {tw.shape}")
+    cout, cin = tw.shape[:2]
+    return np.ascontiguousarray(np.transpose(tw.reshape(cout, cin, -1), (2, 1, 0)))
+
+
+# --------------------------------------------------------------------------
+# valid convolution
+# --------------------------------------------------------------------------
+
+
+def _check_conv_weight(w, b, cin, f, d):
+    if w.ndim != 3 or w.shape[0] != f**d or w.shape[1] != cin:
+        raise ValueError(f"weight shape {w.shape} != (f**d={f**d}, C_in={cin}, C_out)")
+    if b.shape != (w.shape[2],):
+        raise ValueError(f"bias shape {b.shape} != (C_out={w.shape[2]},)")
+
+
+def _conv_fwd64(x, w, b, f, s):
+    d = x.ndim - 2
+    out_sp = pooled_shape(x.shape[2:], f, s)
+    y = np.broadcast_to(_chan(b, d), (x.shape[0], w.shape[2]) + out_sp).copy()
+    for k, off in enumerate(window_offsets(f, d)):
+        y += np.einsum("bi...,io->bo...", x[_window(off, out_sp, s)], w[k])
+    return y
+
+
+def _conv_bwd64(x, w, f, s, gy):
+    d = x.ndim - 2
+    out_sp = pooled_shape(x.shape[2:], f, s)
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(w)
+    for k, off in enumerate(window_offsets(f, d)):
+        sl = _window(off, out_sp, s)
+        gx[sl] += np.einsum("bo...,io->bi...", gy, w[k])
+        gw[k] = _sum_outer(x[sl], gy)
+    gb = gy.sum(axis=_not_channel_axes(gy.ndim))
+    return gx, gw, gb
+
+
+def conv_forward(x, weight, bias, f: int, s: int) -> np.ndarray:
+    """y[b,co,o] = bias[co] + sum_{k,ci} weight[k,ci,co] x[b,ci,o*s+i_k]; x (B,Ci,*N), weight
+    (f**d,Ci,Co) -> y (B,Co,*((N-f)//s+1)).
+    """
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    d = _check_features(x64)
+    _check_conv_weight(w64, b64, x64.shape[1], f, d)
+    return _cast(_conv_fwd64(x64, w64, b64, f, s), x)
+
+
+def conv_backward(x, weight, bias, f: int, s: int, grad_y):
+    """(dL/dx (B,Ci,*N), dL/dweight (K,Ci,Co), dL/dbias (Co,)) of conv_forward given grad_y = dL/dy.
+    """
+    x64, w64, b64, gy = _f64(x), _f64(weight), _f64(bias), _f64(grad_y)
+    d = _check_features(x64)
+    _check_conv_weight(w64, b64, x64.shape[1], f, d)
+    expected = (x64.shape[0], w64.shape[2]) + pooled_shape(x64.shape[2:], f, s)
+    if gy.shape != expected:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {expected}")
+    gx, gw, gb = _conv_bwd64(x64, w64, f, s, gy)
+    return _cast(gx, x), _cast(gw, weight), _cast(gb, bias)
+
+
+# --------------------------------------------------------------------------
+# submanifold convolution
+# --------------------------------------------------------------------------
+
+
+def _check_submanifold(x64, mask, g64, w64, b64, f):
+    d = _check_features(x64)
+    if f % 2 != 1:
+        raise ValueError(f"submanifold convolution needs an odd filter size, got f={f}")
+    if mask.shape != (x64.shape[0],) + x64.shape[2:]:
+        expected = (x64.shape[0],) + x64.shape[2:]
+        raise ValueError(f"mask shape {mask.shape} != (B, *spatial) = {expected}")
+    if g64.shape != (x64.shape[1],):
+        raise ValueError(f"ground shape {g64.shape} != (C_in={x64.shape[1]},)")
+    _check_conv_weight(w64, b64, x64.shape[1], f, d)
+    return d
+
+
+def _pad_with_ground(x64, g64, p):
+    d = x64.ndim - 2
+    shape = x64.shape[:2] + tuple(n + 2 * p for n in x64.shape[2:])
+    xp = np.empty(shape)
+    xp[...] = _chan(g64, d)
+    interior = (slice(None), slice(None)) + tuple(slice(p, p + n) for n in x64.shape[2:])
+    xp[interior] = x64
+    return xp, interior
+
+
+def submanifold_forward(x, mask, ground, weight, bias, f: int) -> np.ndarray:
+    """y[b,:,p] = bias + sum_k W_k^T x[b,:,p - f//2 + i_k] (out-of-grid = ground) at active p, else
+    bias + sum_k W_k^T ground; x (B,Ci,*N), mask (B,*N) -> y (B,Co,*N).
+    """
+    x64, g64, w64, b64 = _f64(x), _f64(ground), _f64(weight), _f64(bias)
+    mask = np.asarray(mask, dtype=bool)
+    d = _check_submanifold(x64, mask, g64, w64, b64, f)
+    xp, _ = _pad_with_ground(x64, g64, f // 2)
+    y_conv = _conv_fwd64(xp, w64, b64, f, 1)
+    g_out = b64 + g64 @ w64.sum(axis=0)
+    y = np.where(mask[:, None], y_conv, _chan(g_out, d))
+    return _cast(y, x)
+
+
+def submanifold_backward(x, mask, ground, weight, bias, f: int, grad_y):
+    """(grad_x (B,Ci,*N) w.r.t. every entry of x, grad_ground (Ci,) direct (padding + inactive
+    outputs), grad_weight (K,Ci,Co), grad_bias (Co,)) of submanifold_forward.
+    """
+    x64, g64, w64, b64, gy = _f64(x), _f64(ground), _f64(weight), _f64(bias), _f64(grad_y)
+    mask = np.asarray(mask, dtype=bool)
+    d = _check_submanifold(x64, mask, g64, w64, b64, f)
+    expected = (x64.shape[0], w64.shape[2]) + x64.shape[2:]
+    if gy.shape != expected:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {expected}")
+    m = mask[:, None]
+    gy_active = np.where(m, gy, 0.0)
+    gy_inactive = np.where(m, 0.0, gy)
+
+    # active outputs: ordinary stride-1 valid conv of the ground-padded input
+    xp, interior = _pad_with_ground(x64, g64, f // 2)
+    gxp, gw, _ = _conv_bwd64(xp, w64, f, 1, gy_active)
+    gx = gxp[interior].copy()
+    gxp[interior] = 0.0
+    g_ground = gxp.sum(axis=_not_channel_axes(gxp.ndim))  # through out-of-grid padding
+
+    # inactive outputs: g_out = bias + sum_k W_k^T ground
+    G = gy_inactive.sum(axis=_not_channel_axes(gy.ndim))  # (Co,)
+    g_ground = g_ground + w64.sum(axis=0) @ G
+    gw = gw + np.outer(g64, G)[None, :, :]
+    gb = gy.sum(axis=_not_channel_axes(gy.ndim))
+    return _cast(gx, x), _cast(g_ground, ground), _cast(gw, weight), _cast(gb, bias)
+
+
+def fold_ground_grad(grad_x, mask):
+    """Split grad_x (B,C,*N) into (grad_x at active sites, zeros elsewhere (B,C,*N); sum over
+    inactive sites (C,)).
+    """
+    grad_x = np.asarray(grad_x)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != (grad_x.shape[0],) + grad_x.shape[2:]:
+        raise ValueError(f"mask shape {mask.shape} incompatible with grad_x shape {grad_x.shape}")
+    m = mask[:, None]
+    g64 = _f64(grad_x)
+    active = np.where(m, g64, 0.0)
+    inactive_sum = np.where(m, 0.0, g64).sum(axis=_not_channel_axes(g64.ndim))
+    return _cast(active, grad_x), _cast(inactive_sum, grad_x)
+
+
+# --------------------------------------------------------------------------
+# pooling
+# --------------------------------------------------------------------------
+
+
+def _maxpool_argmax(x64, f, s):
+    d = x64.ndim - 2
+    out_sp = pooled_shape(x64.shape[2:], f, s)
+    best = None
+    arg = None
+    for k, off in enumerate(window_offsets(f, d)):
+        v = x64[_window(off, out_sp, s)]
+        if best is None:
+            best = v.copy()
+            arg = np.zeros(v.shape, dtype=np.int64)
+        else:
+            upd = v > best  # strict: ties keep the first (row-major) maximum
+            best = np.where(upd, v, best)
+            arg[upd] = k
+    return best, arg, out_sp
+
+
+def maxpool_forward(x, f: int, s: int) -> np.ndarray:
+    """y[b,c,o] = max_{i in [0,f)^d} x[b,c,o*s+i]; x (B,C,*N) -> y (B,C,*((N-f)//s+1))."""
+    x64 = _f64(x)
+    _check_features(x64)
+    best, _, _ = _maxpool_argmax(x64, f, s)
+    return _cast(best, x)
+
+
+def maxpool_backward(x, f: int, s: int, grad_y) -> np.ndarray:
+    """dL/dx (B,C,*N): grad_y[o] routed to the first (row-major window order) maximal position of
+    window o.
+    """
+    x64, gy = _f64(x), _f64(grad_y)
+    d = _check_features(x64)
+    _, arg, out_sp = _maxpool_argmax(x64, f, s)
+    if gy.shape != x64.shape[:2] + out_sp:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {x64.shape[:2] + out_sp}")
+    gx = np.zeros_like(x64)
+    for k, off in enumerate(window_offsets(f, d)):
+        gx[_window(off, out_sp, s)] += np.where(arg == k, gy, 0.0)
+    return _cast(gx, x)
+
+
+def avgpool_forward(x, f: int, s: int) -> np.ndarray:
+    """y[b,c,o] = f**-d sum_{i in [0,f)^d} x[b,c,o*s+i]; x (B,C,*N) -> y (B,C,*((N-f)//s+1))."""
+    x64 = _f64(x)
+    d = _check_features(x64)
+    out_sp = pooled_shape(x64.shape[2:], f, s)
+    y = np.zeros(x64.shape[:2] + out_sp)
+    for off in window_offsets(f, d):
+        y += x64[_window(off, out_sp, s)]
+    return _cast(y / f**d, x)
+
+
+def avgpool_backward(x, f: int, s: int, grad_y) -> np.ndarray:
+    """dL/dx (B,C,*N) = sum over windows o containing the position of grad_y[o] / f**d."""
+    x64, gy = _f64(x), _f64(grad_y)
+    d = _check_features(x64)
+    out_sp = pooled_shape(x64.shape[2:], f, s)
+    if gy.shape != x64.shape[:2] + out_sp:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {x64.shape[:2] + out_sp}")
+    gx = np.zeros_like(x64)
+    for off in window_offsets(f, d):
+        gx[_window(off, out_sp, s)] += gy / f**d
+    return _cast(gx, x)
+
+
+# --------------------------------------------------------------------------
+# network-in-network (1x1 conv), activations, linear
+# --------------------------------------------------------------------------
+
+
+def nin_forward(x, weight, bias) -> np.ndarray:
+    """y[b,co,p] = bias[co] + sum_ci weight[ci,co] x[b,ci,p]; x (B,Ci,*N), weight (Ci,Co) -> y
+    (B,Co,*N).
+    """
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    d = _check_features(x64)
+    if w64.ndim != 2 or w64.shape[0] != x64.shape[1] or b64.shape != (w64.shape[1],):
+        raise ValueError(f"bad NiN shapes: x {x64.shape}, weight {w64.shape}, bias {b64.shape}")
+    return _cast(np.einsum("bi...,io->bo...", x64, w64) + _chan(b64, d), x)
+
+
+def nin_backward(x, weight, bias, grad_y):
+    """(dL/dx (B,Ci,*N) = W grad_y, dL/dweight (Ci,Co) = sum x grad_y^T, dL/dbias (Co,) = sum
+    grad_y) of nin_forward.
+    """
+    x64, w64, gy = _f64(x), _f64(weight), _f64(grad_y)
+    _check_features(x64)
+    if gy.shape != (x64.shape[0], w64.shape[1]) + x64.shape[2:]:
+        raise ValueError(f"grad_y shape {gy.shape} does not match the NiN output")
+    gx = np.einsum("bo...,io->bi...", gy, w64)
+    gw = _sum_outer(x64, gy)
+    gb = gy.sum(axis=_not_channel_axes(gy.ndim))
+    return _cast(gx, x), _cast(gw, weight), _cast(gb, bias)
+
+
+def relu_forward(x) -> np.ndarray:
+    """y = max(x, 0) elementwise (any shape)."""
+    x64 = _f64(x)
+    return _cast(np.where(x64 > 0, x64, 0.0), x)
+
+
+def relu_backward(x, grad_y) -> np.ndarray:
+    """dL/dx = grad_y * [x > 0] elementwise (gradient 0 at x == 0)."""
+    x64, gy = _f64(x), _f64(grad_y)
+    return _cast(np.where(x64 > 0, gy, 0.0), x)
+
+
+def leaky_relu_forward(x, slope) -> np.ndarray:
+    """y = x if x > 0 else slope*x, elementwise (any shape)."""
+    x64 = _f64(x)
+    return _cast(np.where(x64 > 0, x64, slope * x64), x)
+
+
+def leaky_relu_backward(x, slope, grad_y) -> np.ndarray:
+    """dL/dx = grad_y * (1 if x > 0 else slope) elementwise (slope side at x == 0)."""
+    x64, gy = _f64(x), _f64(grad_y)
+    return _cast(np.where(x64 > 0, gy, slope * gy), x)
+
+
+def linear_forward(x, weight, bias) -> np.ndarray:
+    """y = x @ weight + bias; x (B,C), weight (C,n_out), bias (n_out,) -> y (B,n_out)."""
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    if (
+        x64.ndim != 2
+        or w64.ndim != 2
+        or w64.shape[0] != x64.shape[1]
+        or b64.shape != (w64.shape[1],)
+    ):
+        raise ValueError(f"bad linear shapes: x {x64.shape}, weight {w64.shape}, bias {b64.shape}")
+    return _cast(x64 @ w64 + b64, x)
+
+
+def linear_backward(x, weight, bias, grad_y):
+    """(dL/dx = grad_y @ W^T (B,C), dL/dW = x^T @ grad_y (C,n_out), dL/db = sum_b grad_y (n_out,)).
+    """
+    x64, w64, gy = _f64(x), _f64(weight), _f64(grad_y)
+    if gy.shape != (x64.shape[0], w64.shape[1]):
+        raise ValueError(f"grad_y shape {gy.shape} != {(x64.shape[0], w64.shape[1])}")
+    return _cast(gy @ w64.T, x), _cast(x64.T @ gy, weight), _cast(gy.sum(axis=0), bias)
+
+
+# --------------------------------------------------------------------------
+# batch normalisation (statistics over active sites only)
+# --------------------------------------------------------------------------
+
+
+def _bn_stats(x64, mask, d, train, running_mean, running_var):
+    if train:
+        m = mask[:, None].astype(np.float64)  # (B,1,*N)
+        n = mask.sum()
+        if n == 0:
+            raise ValueError("batchnorm in train mode needs at least one active site")
+        axes = _not_channel_axes(x64.ndim)
+        mean = (x64 * m).sum(axis=axes) / n
+        var = (m * (x64 - _chan(mean, d)) ** 2).sum(axis=axes) / n
+        return mean, var, n
+    if running_mean is None or running_var is None:
+        raise ValueError("eval-mode batchnorm needs running_mean and running_var")
+    return _f64(running_mean), _f64(running_var), None
+
+
+def _check_bn(x64, mask, gamma, beta):
+    d = _check_features(x64)
+    if mask.shape != (x64.shape[0],) + x64.shape[2:]:
+        expected = (x64.shape[0],) + x64.shape[2:]
+        raise ValueError(f"mask shape {mask.shape} != (B, *spatial) = {expected}")
+    c = x64.shape[1]
+    if gamma.shape != (c,) or beta.shape != (c,):
+        raise ValueError(f"gamma/beta shapes {gamma.shape}, {beta.shape} != (C={c},)")
+    return d
+
+
+def batchnorm_forward(x, mask, gamma, beta, eps, *, train, running_mean=None, running_var=None):
+    """y = gamma (x - mean)/sqrt(var + eps) + beta at ALL positions; train: biased mean/var (C,)
+    over active sites (mask (B,*N)), returns (y, mean, var); eval: running stats, returns y.
+    """
+    x64, g64, be64 = _f64(x), _f64(gamma), _f64(beta)
+    mask = np.asarray(mask, dtype=bool)
+    d = _check_bn(x64, mask, g64, be64)
+    mean, var, _ = _bn_stats(x64, mask, d, train, running_mean, running_var)
+    xhat = (x64 - _chan(mean, d)) / _chan(np.sqrt(var + eps), d)
+    y = _cast(_chan(g64, d) * xhat + _chan(be64, d), x)
+    if train:
+        return y, _cast(mean, x), _cast(var, x)
+    return y
+
+
+def batchnorm_backward(
+    x, mask, gamma, beta, eps, grad_y, *, train, running_mean=None, running_var=None
+):
+    """(grad_x (B,C,*N), grad_gamma (C,), grad_beta (C,)) of batchnorm_forward; in train mode the
+    stats depend on active entries of x only.
+    """
+    x64, g64, be64, gy = _f64(x), _f64(gamma), _f64(beta), _f64(grad_y)
+    mask = np.asarray(mask, dtype=bool)
+    d = _check_bn(x64, mask, g64, be64)
+    if gy.shape != x64.shape:
+        raise ValueError(f"grad_y shape {gy.shape} != x shape {x64.shape}")
+    mean, var, n = _bn_stats(x64, mask, d, train, running_mean, running_var)
+    axes = _not_channel_axes(x64.ndim)
+    inv = 1.0 / np.sqrt(var + eps)  # (C,)
+    xc = x64 - _chan(mean, d)
+    xhat = xc * _chan(inv, d)
+    grad_gamma = (gy * xhat).sum(axis=axes)
+    grad_beta = gy.sum(axis=axes)
+    dxhat = gy * _chan(g64, d)
+    gx = dxhat * _chan(inv, d)  # direct term, every position
+    if train:
+        # L depends on mean and var through xhat at every position.
+        # dL/dmean = -inv * sum_all dxhat  (+ dL/dvar * dvar/dmean, which is 0
+        #            because sum_active (x - mean) = 0)
+        # dL/dvar  = -1/2 (var+eps)^{-3/2} sum_all dxhat * (x - mean)
+        # mean, var are functions of active entries only:
+        #   dmean/dx_j = m_j / n,   dvar/dx_j = 2 m_j (x_j - mean) / n
+        d_mean = -inv * dxhat.sum(axis=axes)
+        d_var = -0.5 * inv**3 * (dxhat * xc).sum(axis=axes)
+        m = mask[:, None].astype(np.float64)
+        gx = gx + m * (_chan(d_mean, d) / n + _chan(d_var, d) * 2.0 * xc / n)
+    return _cast(gx, x), _cast(grad_gamma, gamma), _cast(grad_beta, beta)
+
+
+# --------------------------------------------------------------------------
+# loss
+# --------------------------------------------------------------------------
+
+
+def _ce_targets(logits64, labels, label_smoothing):
+    labels = np.asarray(labels)
+    if logits64.ndim != 2 or labels.shape != (logits64.shape[0],):
+        raise ValueError(
+            f"logits must be (B, n_classes) and labels (B,), got {logits64.shape}, {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError("labels must be integers")
+    b, n = logits64.shape
+    if labels.size and (labels.min() < 0 or labels.max() >= n):
+        raise ValueError("label out of range")
+    t = np.full((b, n), label_smoothing / n)
+    t[np.arange(b), labels] += 1.0 - label_smoothing
+    return t
+
+
+def _log_softmax(z):
+    zs = z - z.max(axis=1, keepdims=True)
+    return zs - np.log(np.exp(zs).sum(axis=1, keepdims=True))
+
+
+def cross_entropy_forward(logits, labels, label_smoothing: float = 0.0):
+    """L = mean_b -sum_c t[b,c] log softmax(logits)[b,c], t = (1-eps) onehot(labels) + eps/n; logits
+    (B,n), labels (B,) -> scalar.
+    """
+    z = _f64(logits)
+    t = _ce_targets(z, labels, label_smoothing)
+    loss = -(t * _log_softmax(z)).sum() / z.shape[0]
+    return _dtype_of(logits).type(loss)
+
+
+def cross_entropy_backward(logits, labels, label_smoothing: float = 0.0) -> np.ndarray:
+    """dL/dlogits (B,n) = (softmax(logits) - t) / B for upstream gradient 1."""
+    z = _f64(logits)
+    t = _ce_targets(z, labels, label_smoothing)
+    p = np.exp(_log_softmax(z))
+    return _cast((p - t) / z.shape[0], logits)
+
+
+# --------------------------------------------------------------------------
+# sparse <-> dense
+# --------------------------------------------------------------------------
+
+
+def _check_coords(coords, spatial_shape, batch_size):
+    coords = np.asarray(coords)
+    spatial_shape = tuple(int(n) for n in spatial_shape)
+    d = len(spatial_shape)
+    if coords.ndim != 2 or coords.shape[1] != 1 + d:
+        raise ValueError(f"coords must have shape (n, 1+d={1 + d}), got {coords.shape}")
+    if coords.size and not np.issubdtype(coords.dtype, np.integer):
+        raise ValueError("coords must be integers")
+    coords = coords.astype(np.int64)
+    upper = np.array((batch_size,) + spatial_shape)
+    if coords.size and ((coords < 0).any() or (coords >= upper).any()):
+        raise ValueError("coordinate out of range")
+    if len(np.unique(coords, axis=0)) != len(coords):
+        raise ValueError("duplicate coordinates")
+    return coords, spatial_shape
+
+
+def active_mask(coords, spatial_shape, batch_size) -> np.ndarray:
+    """Bool (B,*spatial), True exactly at the sites listed in coords (n, 1+d) = (batch, *position).
+    """
+    coords, spatial_shape = _check_coords(coords, spatial_shape, batch_size)
+    mask = np.zeros((batch_size,) + spatial_shape, dtype=bool)
+    mask[tuple(coords.T)] = True
+    return mask
+
+
+def to_dense(coords, features, spatial_shape, batch_size, ground=None) -> np.ndarray:
+    """Dense (B,C,*spatial): features[i] (n,C) at coords[i] = (batch, *pos), ground (C,) (or scalar;
+    None = 0) elsewhere.
+    """
+    coords, spatial_shape = _check_coords(coords, spatial_shape, batch_size)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != coords.shape[0]:
+        raise ValueError(f"features must have shape (n={coords.shape[0]}, C), got {features.shape}")
+    c = features.shape[1]
+    if ground is None:
+        ground = 0.0
+    g = np.broadcast_to(np.asarray(ground, dtype=np.float64), (c,))
+    out = np.empty((batch_size,) + spatial_shape + (c,), dtype=_dtype_of(features))
+    out[...] = g
+    out[tuple(coords.T)] = features
+    return np.ascontiguousarray(np.moveaxis(out, -1, 1))
+
+
+def gather_sites(dense, coords) -> np.ndarray:
+    """(n, C) rows dense[coords[i,0], :, *coords[i,1:]] from dense (B,C,*spatial)."""
+    dense = np.asarray(dense)
+    coords = np.asarray(coords, dtype=np.int64)
+    if coords.ndim != 2 or coords.shape[1] != dense.ndim - 1:
+        raise ValueError(f"coords shape {coords.shape} incompatible with dense shape {dense.shape}")
+    return np.moveaxis(dense, 1, -1)[tuple(coords.T)].copy()
+
+
+# --------------------------------------------------------------------------
+# sequential networks
+# --------------------------------------------------------------------------
+#
+# Layer specs:
+#   ("conv", f, s)     valid conv, consumes params W (f**d, Ci, Co), b (Co,)
+#   ("nin",)           1x1 conv,   consumes params W (Ci, Co), b (Co,)
+#   ("maxpool", f, s)
+#   ("avgpool", f, s)
+#   ("act", slope)     ReLU if slope == 0 else leaky ReLU
+#   ("linear",)        flattens (B, C, *sp) -> (B, C*prod(sp)) (C order), then
+#                      x @ W + b; consumes W (C*prod(sp), n_out), b (n_out,)
+
+_N_PARAMS = {"conv": 2, "nin": 2, "linear": 2, "maxpool": 0, "avgpool": 0, "act": 0}
+
+
+def _act_fwd(x, slope):
+    return relu_forward(x) if slope == 0 else leaky_relu_forward(x, slope)
+
+
+def _act_bwd(x, slope, gy):
+    return relu_backward(x, gy) if slope == 0 else leaky_relu_backward(x, slope, gy)
+
+
+def _layer_forward(spec, x, p):
+    kind = spec[0]
+    if kind == "conv":
+        return conv_forward(x, p[0], p[1], spec[1], spec[2])
+    if kind == "nin":
+        return nin_forward(x, p[0], p[1])
+    if kind == "maxpool":
+        return maxpool_forward(x, spec[1], spec[2])
+    if kind == "avgpool":
+        return avgpool_forward(x, spec[1], spec[2])
+    if kind == "act":
+        return _act_fwd(x, spec[1])
+    if kind == "linear":
+        return linear_forward(x.reshape(x.shape[0], -1), p[0], p[1])
+    raise ValueError(f"unknown layer spec {spec!r}")
+
+
+def _layer_backward(spec, x, p, gy):
+    """Returns (grad_x, [grads of this layer's params])."""
+    kind = spec[0]
+    if kind == "conv":
+        gx, gw, gb = conv_backward(x, p[0], p[1], spec[1], spec[2], gy)
+        return gx, [gw, gb]
+    if kind == "nin":
+        gx, gw, gb = nin_backward(x, p[0], p[1], gy)
+        return gx, [gw, gb]
+    if kind == "maxpool":
+        return maxpool_backward(x, spec[1], spec[2], gy), []
+    if kind == "avgpool":
+        return avgpool_backward(x, spec[1], spec[2], gy), []
+    if kind == "act":
+        return _act_bwd(x, spec[1], gy), []
+    if kind == "linear":
+        gx, gw, gb = linear_backward(x.reshape(x.shape[0], -1), p[0], p[1], gy)
+        return gx.reshape(x.shape), [gw, gb]
+    raise ValueError(f"unknown layer spec {spec!r}")
+
+
+def _split_params(layers, params):
+    params = list(params)
+    need = sum(_N_PARAMS.get(spec[0], 0) for spec in layers)
+    if len(params) != need:
+        raise ValueError(f"layers need {need} parameter arrays, got {len(params)}")
+    out, i = [], 0
+    for spec in layers:
+        if spec[0] not in _N_PARAMS:
+            raise ValueError(f"unknown layer spec {spec!r}")
+        k = _N_PARAMS[spec[0]]
+        out.append([_f64(a) for a in params[i : i + k]])
+        i += k
+    return out
+
+
+def _sequential_run(x, layers, params):
+    per_layer = _split_params(layers, params)
+    inputs = []
+    h = _f64(x)
+    for spec, p in zip(layers, per_layer, strict=True):
+        inputs.append(h)
+        h = _layer_forward(spec, h, p)
+    return h, inputs, per_layer
+
+
+def sequential_forward(x, layers, params) -> np.ndarray:
+    """Compose the layer specs (see module comment) left to right; params are consumed in layer
+    order.
+    """
+    y, _, _ = _sequential_run(x, layers, params)
+    return _cast(y, x)
+
+
+def sequential_backward(x, layers, params, grad_y):
+    """(grad_x, [grad of each param, same order as params]) of sequential_forward given grad_y."""
+    y, inputs, per_layer = _sequential_run(x, layers, params)
+    g = _f64(grad_y)
+    if g.shape != y.shape:
+        raise ValueError(f"grad_y shape {g.shape} != output shape {y.shape}")
+    grads_rev = []
+    for spec, h, p in zip(reversed(layers), reversed(inputs), reversed(per_layer), strict=True):
+        g, gp = _layer_backward(spec, h, p, g)
+        grads_rev.append(gp)
+    grad_params = [gp for layer_grads in reversed(grads_rev) for gp in layer_grads]
+    grad_params = [_cast(gp, p) for gp, p in zip(grad_params, params, strict=True)]
+    return _cast(g, x), grad_params
+
+
+# --------------------------------------------------------------------------
+# DeepCNet(l, k) and DeepCNiN(l, k)
+# --------------------------------------------------------------------------
+
+
+def deepcnet_input_size(l: int) -> int:
+    """Spatial input size 3 * 2**l of DeepCNet(l, k) / DeepCNiN(l, k) (output is 1x...x1)."""
+    return 3 * 2**l
+
+
+def deepcnet_layers(l: int, activation_slope: float = 0.0) -> list:
+    """Layer specs of DeepCNet(l, .): conv3-act, then l x (maxpool2/2, conv2-act), then linear."""
+    if l < 0:
+        raise ValueError("l must be >= 0")
+    act = ("act", activation_slope)
+    layers = [("conv", 3, 1), act]
+    for _ in range(l):
+        layers += [("maxpool", 2, 2), ("conv", 2, 1), act]
+    return layers + [("linear",)]
+
+
+def deepcnin_layers(l: int, activation_slope: float = 0.0) -> list:
+    """Layer specs of DeepCNiN(l, .): conv-act, [maxpool, nin-act, conv-act] x l, nin-act, linear.
+    """
+    if l < 0:
+        raise ValueError("l must be >= 0")
+    act = ("act", activation_slope)
+    layers = [("conv", 3, 1), act]
+    for _ in range(l):
+        layers += [("maxpool", 2, 2), ("nin",), act, ("conv", 2, 1), act]
+    return layers + [("nin",), act, ("linear",)]
+
+
+def deepcnet_param_shapes(l: int, k: int, d: int, in_channels: int, num_classes: int) -> list:
+    """Shapes [W1, b1, ..., W_{l+1}, b_{l+1}, W_cls, b_cls]; conv n (1-based) maps (n-1)k
+    (in_channels for n=1) -> n*k.
+    """
+    shapes = []
+    cin = in_channels
+    for n in range(1, l + 2):
+        f = 3 if n == 1 else 2
+        shapes += [(f**d, cin, n * k), (n * k,)]
+        cin = n * k
+    return shapes + [(cin, num_classes), (num_classes,)]
+
+
+def deepcnin_param_shapes(l: int, k: int, d: int, in_channels: int, num_classes: int) -> list:
+    """Shapes in definition order: conv1, nin1, conv2, nin2, ..., conv_{l+1}, nin_{l+1}, classifier
+    (each W then b).
+    """
+    shapes = []
+    cin = in_channels
+    for n in range(1, l + 2):
+        f = 3 if n == 1 else 2
+        shapes += [(f**d, cin, n * k), (n * k,), (n * k, n * k), (n * k,)]
+        cin = n * k
+    return shapes + [(cin, num_classes), (num_classes,)]
+
+
+def _check_deepcnet_input(x, l):
+    x = np.asarray(x)
+    _check_features(x)
+    n = deepcnet_input_size(l)
+    if any(size != n for size in x.shape[2:]):
+        raise ValueError(f"DeepCNet(l={l}) needs spatial size {n} in every dim, got {x.shape[2:]}")
+
+
+def deepcnet_forward(x, params, l: int, activation_slope: float = 0.0) -> np.ndarray:
+    """Logits (B, n_classes) of DeepCNet(l, k) on dense x (B, C, 3*2**l, ...); params as in
+    deepcnet_param_shapes.
+    """
+    _check_deepcnet_input(x, l)
+    return sequential_forward(x, deepcnet_layers(l, activation_slope), params)
+
+
+def deepcnet_backward(x, params, l: int, activation_slope: float, grad_y):
+    """(grad_x, [grads of params in the same order]) of deepcnet_forward given grad_y (B,
+    n_classes).
+    """
+    _check_deepcnet_input(x, l)
+    return sequential_backward(x, deepcnet_layers(l, activation_slope), params, grad_y)
+
+
+def deepcnin_forward(x, params, l: int, activation_slope: float = 0.0) -> np.ndarray:
+    """Logits (B, n_classes) of DeepCNiN(l, k) on dense x (B, C, 3*2**l, ...); params as in
+    deepcnin_param_shapes.
+    """
+    _check_deepcnet_input(x, l)
+    return sequential_forward(x, deepcnin_layers(l, activation_slope), params)
+
+
+def deepcnin_backward(x, params, l: int, activation_slope: float, grad_y):
+    """(grad_x, [grads of params in the same order]) of deepcnin_forward given grad_y (B,
+    n_classes).
+    """
+    _check_deepcnet_input(x, l)
+    return sequential_backward(x, deepcnin_layers(l, activation_slope), params, grad_y)

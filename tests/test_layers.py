@@ -1,0 +1,248 @@
+"""Every layer against the dense NumPy oracle: forward (inactive sites included) and every
+gradient (weights, biases, ground, inputs), on random inputs of several sizes, dims, filter
+sizes, strides, channel counts, densities and dtypes."""
+import itertools
+
+import numpy as np
+import pytest
+
+import sparsecnn as scn
+from tests import dense_reference as ref
+from tests.sparse_helpers import (assert_close, dense_of, np_, random_sparse,
+                                  split_input_grad)
+
+DENSITIES = [0.0, "one", 0.05, 0.3, 1.0]
+
+
+def _conv_cases():
+    cases = []
+    for d, (f, s), (cin, cout) in itertools.product(
+            [1, 2, 3], [(1, 1), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3)], [(1, 3), (4, 5)]):
+        cases.append((d, f, s, cin, cout))
+    cases += [(4, 2, 1, 2, 3), (4, 3, 2, 1, 2), (4, 2, 2, 3, 2)]
+    return cases
+
+
+def _size(d, f, s, m):
+    """An input size with (N - f) % s == 0 and m outputs per dim."""
+    return f + s * (m - 1)
+
+
+def _set_params(layer, rng, dtype):
+    for p in layer.parameters():
+        p.data = rng.standard_normal(p.shape).astype(dtype)
+
+
+def _backprop(y, rng):
+    """Random upstream gradient through y.to_dense(); returns it."""
+    yd = y.to_dense()
+    G = rng.standard_normal(yd.shape).astype(yd.dtype)
+    yd.backward(G)
+    return G
+
+
+def _check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
+    at_sites, inactive = split_input_grad(x, gx_dense)
+    assert_close(x.grad, at_sites, dtype, "input grad at active sites")
+    assert_close(x.ground_grad, inactive + extra_ground, dtype, "ground grad")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("d,f,s,cin,cout", _conv_cases())
+def test_convolution(d, f, s, cin, cout, density, dtype, rng):
+    m = {1: 5, 2: 4, 3: 3, 4: 2}[d]
+    spatial = (_size(d, f, s, m),) * d
+    batch = 2
+    x = random_sparse(rng, batch, spatial, cin, density, dtype)
+    conv = scn.Convolution(cin, cout, f, s, dim=d, dtype=dtype)
+    _set_params(conv, rng, dtype)
+    y = conv(x)
+    xd, _ = dense_of(x)
+    W, b = conv.weight.data, conv.bias.data
+    expected = ref.conv_forward(xd, W, b, f, s)
+    assert_close(y.to_dense().numpy(), expected, dtype, "forward")
+    # active output sites are exactly the windows that hold an active input
+    _, in_mask = dense_of(x)
+    win = ref.maxpool_forward(in_mask[:, None].astype(float), f, s)[:, 0] > 0
+    _, out_mask = dense_of(y)
+    np.testing.assert_array_equal(out_mask, win)
+    G = _backprop(y, rng)
+    gx, gW, gb = ref.conv_backward(xd, W, b, f, s, G)
+    assert_close(conv.weight.grad, gW, dtype, "weight grad")
+    assert_close(conv.bias.grad, gb, dtype, "bias grad")
+    _check_input_grads(x, gx, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("d,f,cin,cout", [(1, 1, 2, 3), (1, 3, 1, 2), (1, 5, 3, 2),
+                                          (2, 3, 2, 4), (2, 5, 1, 1), (3, 3, 3, 2),
+                                          (4, 3, 2, 2)])
+def test_submanifold_convolution(d, f, cin, cout, density, dtype, rng):
+    spatial = {1: (9,), 2: (6, 5), 3: (4, 3, 4), 4: (3, 3, 2, 3)}[d]
+    x = random_sparse(rng, 2, spatial, cin, density, dtype)
+    conv = scn.SubmanifoldConvolution(cin, cout, f, dim=d, dtype=dtype)
+    _set_params(conv, rng, dtype)
+    y = conv(x)
+    assert y.geometry is x.geometry
+    xd, mask = dense_of(x)
+    g = np_(x.ground)
+    W, b = conv.weight.data, conv.bias.data
+    assert_close(y.to_dense().numpy(), ref.submanifold_forward(xd, mask, g, W, b, f), dtype)
+    G = _backprop(y, rng)
+    gx, g_ground, gW, gb = ref.submanifold_backward(xd, mask, g, W, b, f, G)
+    assert_close(conv.weight.grad, gW, dtype, "weight grad")
+    assert_close(conv.bias.grad, gb, dtype, "bias grad")
+    _check_input_grads(x, gx, dtype, extra_ground=g_ground)
+
+
+POOL_CASES = [(1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 2), (2, 3, 1), (2, 3, 3), (2, 2, 1),
+              (3, 2, 2), (3, 3, 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("d,f,s", POOL_CASES)
+def test_pooling(d, f, s, kind, density, dtype, rng):
+    m = {1: 5, 2: 4, 3: 3}[d]
+    spatial = (_size(d, f, s, m),) * d
+    x = random_sparse(rng, 2, spatial, 3, density, dtype)
+    layer = (scn.MaxPooling if kind == "max" else scn.AveragePooling)(f, s, dim=d)
+    y = layer(x)
+    xd, _ = dense_of(x)
+    fwd = ref.maxpool_forward if kind == "max" else ref.avgpool_forward
+    bwd = ref.maxpool_backward if kind == "max" else ref.avgpool_backward
+    assert_close(y.to_dense().numpy(), fwd(xd, f, s), dtype, "forward")
+    G = _backprop(y, rng)
+    _check_input_grads(x, bwd(xd, f, s, G), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", [0.0, "one", 0.2, 1.0])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_network_in_network(d, density, dtype, rng):
+    x = random_sparse(rng, 3, (4,) * d, 4, density, dtype)
+    nin = scn.NetworkInNetwork(4, 6, dtype=dtype)
+    _set_params(nin, rng, dtype)
+    y = nin(x)
+    xd, _ = dense_of(x)
+    W, b = nin.weight.data, nin.bias.data
+    assert_close(y.to_dense().numpy(), ref.nin_forward(xd, W, b), dtype)
+    G = _backprop(y, rng)
+    gx, gW, gb = ref.nin_backward(xd, W, b, G)
+    assert_close(nin.weight.grad, gW, dtype)
+    assert_close(nin.bias.grad, gb, dtype)
+    _check_input_grads(x, gx, dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("slope", [0.0, 0.01, 1 / 3])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_activations(d, slope, dtype, rng):
+    x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
+    layer = scn.ReLU() if slope == 0 else scn.LeakyReLU(slope)
+    y = layer(x)
+    xd, _ = dense_of(x)
+    if slope == 0:
+        expected, back = ref.relu_forward(xd), (lambda G: ref.relu_backward(xd, G))
+    else:
+        expected = ref.leaky_relu_forward(xd, slope)
+        back = lambda G: ref.leaky_relu_backward(xd, slope, G)  # noqa: E731
+    assert_close(y.to_dense().numpy(), expected, dtype)
+    G = _backprop(y, rng)
+    _check_input_grads(x, back(G), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("d,density", [(1, 0.5), (2, "one"), (2, 0.1), (2, 1.0), (3, 0.2)])
+def test_batchnorm(d, density, train, dtype, rng):
+    x = random_sparse(rng, 2, (5,) * d, 3, density, dtype)
+    if x.n_active < 2 and train:
+        x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
+    bn = scn.BatchNorm(3, dtype=dtype)
+    bn.weight.data = rng.standard_normal(3).astype(dtype)
+    bn.bias.data = rng.standard_normal(3).astype(dtype)
+    bn.running_mean[:] = rng.standard_normal(3)
+    bn.running_var[:] = rng.random(3) + 0.5
+    rm0, rv0 = bn.running_mean.copy(), bn.running_var.copy()
+    bn.train(train)
+    y = bn(x)
+    xd, mask = dense_of(x)
+    kw = dict(train=train, running_mean=rm0, running_var=rv0)
+    out = ref.batchnorm_forward(xd, mask, bn.weight.data, bn.bias.data, bn.eps, **kw)
+    expected = out[0] if train else out
+    assert_close(y.to_dense().numpy(), expected, dtype, "forward")
+    if train:
+        n = x.n_active
+        mean, var = out[1], out[2]
+        assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * mean, dtype, "running mean")
+        assert_close(bn.running_var, 0.9 * rv0 + 0.1 * var * n / (n - 1), dtype, "running var")
+    G = _backprop(y, rng)
+    gx, gg, gb = ref.batchnorm_backward(xd, mask, bn.weight.data, bn.bias.data, bn.eps, G, **kw)
+    assert_close(bn.weight.grad, gg, dtype)
+    assert_close(bn.bias.grad, gb, dtype)
+    _check_input_grads(x, gx, dtype)
+
+
+def test_dropout(rng):
+    x = random_sparse(rng, 2, (8, 8), 4, 0.5, np.float64)
+    drop = scn.Dropout(0.25, seed=3)
+    y = drop(x)
+    f, yf = np_(x.features), np_(y.features)
+    kept = yf != 0
+    np.testing.assert_allclose(yf[kept], f[kept] / 0.75)
+    assert 0.6 < kept.mean() < 0.9
+    np.testing.assert_array_equal(np_(y.ground), np_(x.ground))   # expected value kept
+    G = rng.standard_normal(yf.shape)
+    y.backward((G, np.zeros(4)))
+    np.testing.assert_allclose(x.grad, np.where(kept, G / 0.75, 0))
+    drop.eval()
+    assert drop(x) is x
+    # channel-wise: a (sample, channel) is dropped everywhere or nowhere
+    y = scn.Dropout(0.5, channelwise=True, seed=0)(x)
+    yf = np_(y.features)
+    b = np_(x.coords)[:, 0]
+    for s in range(2):
+        zero = yf[b == s] == 0
+        assert (zero.all(axis=0) | (~zero).all(axis=0)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_dense_from_dense_round_trip(dtype, rng):
+    x = random_sparse(rng, 3, (4, 5), 2, 0.3, dtype, ground=False)
+    d = x.to_dense()
+    assert d.shape == (3, 2, 4, 5) and d.dtype == dtype
+    back = scn.SparseTensor.from_dense(d.numpy())
+    np.testing.assert_array_equal(back.numpy(), d.numpy())
+    assert back.n_active == x.n_active
+    # backward of to_dense: active sites get their entries, the ground the rest
+    x = random_sparse(rng, 3, (4, 5), 2, 0.3, dtype)
+    G = rng.standard_normal((3, 2, 4, 5)).astype(dtype)
+    x.to_dense().backward(G)
+    _check_input_grads(x, G, dtype)
+
+
+def test_ground_state_false_gives_modern_semantics(rng):
+    """Inactive sites stay 0 and biases act at active sites only; active values unchanged."""
+    x = random_sparse(rng, 2, (7, 7), 2, 0.1, np.float64, ground=False)
+    net = scn.Sequential(scn.Convolution(2, 3, 3), scn.ReLU(), scn.MaxPooling(1, 1),
+                         scn.NetworkInNetwork(3, 2), scn.BatchNorm(2))
+    net.set_ground_state(False)
+    for p in net.parameters():
+        p.data = rng.standard_normal(p.shape)
+    y = net(x)
+    np.testing.assert_array_equal(np_(y.ground), 0)
+    dense = y.to_dense().numpy()
+    _, mask = dense_of(y)
+    assert (dense.transpose(0, 2, 3, 1)[~mask] == 0).all()
+    conv = scn.Convolution(2, 3, 3)
+    conv.weight.data = rng.standard_normal(conv.weight.shape)
+    conv.bias.data = rng.standard_normal(3)
+    a = conv(x)
+    conv.set_ground_state(False)
+    b = conv(x)
+    np.testing.assert_allclose(np_(b.features), np_(a.features))   # input ground is 0 here
+    np.testing.assert_array_equal(np_(b.ground), 0)
