@@ -214,19 +214,17 @@ def network_in_network(x: SparseTensor, weight: Parameter, bias: Parameter | Non
 
 
 def leaky_relu(x: SparseTensor, negative_slope: float = 0.01) -> SparseTensor:
-    """``max(x, 0) + slope * min(x, 0)`` on the features and on the ground."""
+    """``max(x, 0) + slope * min(x, 0)`` on the features and on the ground (0 <= slope < 1)."""
     _check_sparse(x, "LeakyReLU")
-    a = np.asarray(negative_slope, dtype=x.dtype)
-    fpos = x.features > 0
-    gpos = x.ground > 0
-    feats = x.features * (fpos + (~fpos) * a).astype(x.dtype)
-    ground = x.ground * (gpos + (~gpos) * a).astype(x.dtype)
-    out = SparseTensor._make(x.geometry, feats, ground)
+    xp = backend.xp(x.device)
+    a = x.dtype.type(negative_slope)
+    # for 0 <= a < 1, max(x, a x) is x where x > 0 and a x elsewhere
+    out = SparseTensor._make(x.geometry, xp.maximum(x.features, x.features * a),
+                             xp.maximum(x.ground, x.ground * a))
 
     def backward(grad):
         gy, gg = grad
-        return ((gy * (fpos + (~fpos) * a).astype(x.dtype),
-                 gg * (gpos + (~gpos) * a).astype(x.dtype)),)
+        return ((xp.where(x.features > 0, gy, gy * a), xp.where(x.ground > 0, gg, gg * a)),)
 
     return record(out, [x], backward, "leaky_relu")
 
@@ -234,13 +232,12 @@ def leaky_relu(x: SparseTensor, negative_slope: float = 0.01) -> SparseTensor:
 def relu(x: SparseTensor) -> SparseTensor:
     """``max(x, 0)`` on the features and on the ground."""
     _check_sparse(x, "ReLU")
-    fpos = x.features > 0
-    gpos = x.ground > 0
-    out = SparseTensor._make(x.geometry, x.features * fpos, x.ground * gpos)
+    xp = backend.xp(x.device)
+    out = SparseTensor._make(x.geometry, xp.maximum(x.features, 0), xp.maximum(x.ground, 0))
 
     def backward(grad):
         gy, gg = grad
-        return ((gy * fpos, gg * gpos),)
+        return ((gy * (out.features > 0), gg * (out.ground > 0)),)
 
     return record(out, [x], backward, "relu")
 

@@ -119,9 +119,9 @@ class Geometry:
         hit = self._cache.get(key)
         if hit is None:
             out_shape = conv_output_shape(self.spatial_shape, f, s, what)
-            oc, in_idx, out_idx, offsets, keys, vals = self.kernels.build_conv_rulebook(
+            oc, in_idx, out_idx, offsets = self.kernels.build_conv_rulebook(
                 self.coords, self.shape_array(), f, s)
-            out = Geometry(oc, out_shape, self.batch_size, self.device, (keys, vals))
+            out = Geometry(oc, out_shape, self.batch_size, self.device)
             rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s)
             hit = self._cache[key] = (rb, out)
         return hit

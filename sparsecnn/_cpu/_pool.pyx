@@ -11,9 +11,13 @@ from libc.stdint cimport int32_t, int64_t
 import numpy as np
 
 
-def _active_count(const int32_t[::1] out_idx, Py_ssize_t n_out):
-    """Number of active input sites in each output window."""
-    return np.bincount(np.asarray(out_idx), minlength=n_out).astype(np.int64)
+cdef void _count_active(const int32_t[::1] out_idx, int32_t* count,
+                        Py_ssize_t n_out) noexcept nogil:
+    cdef Py_ssize_t q
+    for q in range(n_out):
+        count[q] = 0
+    for q in range(out_idx.shape[0]):
+        count[out_idx[q]] += 1
 
 
 def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
@@ -27,32 +31,37 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     ground. Ties go to the earliest candidate: the ground, then offsets in row-major order.
     """
     cdef int K = offsets.shape[0] - 1, k
-    cdef Py_ssize_t C = features.shape[1], o, c, t, q
+    cdef Py_ssize_t C = features.shape[1], o, c, q, q0, q1
     cdef int32_t i
-    cdef Py_ssize_t q0, q1
+    cdef floating v
+    cdef floating neg_inf = -np.inf
     dtype = np.float32 if floating is float else np.float64
-    count_a = _active_count(out_idx, n_out)
     out_a = np.empty((n_out, C), dtype=dtype)
     arg_a = np.empty((n_out, C), dtype=np.int32)
-    full = count_a == K
-    out_a[...] = np.asarray(ground)
-    out_a[full] = -np.inf
-    arg_a[...] = -1
+    count_a = np.empty(max(n_out, 1), dtype=np.int32)
     cdef floating[:, ::1] out = out_a
     cdef int32_t[:, ::1] arg = arg_a
+    cdef int32_t[::1] count = count_a
     if n_out == 0:
         return out_a, arg_a
-    with nogil, parallel():
-        for k in range(K):
-            q0 = offsets[k]
-            q1 = offsets[k + 1]
-            for q in prange(q0, q1, schedule='static'):
-                i = in_idx[q]
-                o = out_idx[q]
-                for c in range(C):
-                    if features[i, c] > out[o, c]:
-                        out[o, c] = features[i, c]
-                        arg[o, c] = i
+    with nogil:
+        _count_active(out_idx, &count[0], n_out)
+        for o in prange(n_out, schedule='static'):
+            for c in range(C):
+                out[o, c] = neg_inf if count[o] == K else ground[c]
+                arg[o, c] = -1
+        with parallel():
+            for k in range(K):
+                q0 = offsets[k]
+                q1 = offsets[k + 1]
+                for q in prange(q0, q1, schedule='static'):
+                    i = in_idx[q]
+                    o = out_idx[q]
+                    for c in range(C):
+                        v = features[i, c]
+                        if v > out[o, c]:
+                            out[o, c] = v
+                            arg[o, c] = i
     return out_a, arg_a
 
 
@@ -144,6 +153,9 @@ def avgpool_backward(const floating[:, ::1] grad_out, const int32_t[::1] in_idx,
                     o = out_idx[q]
                     for c in range(C):
                         gx[i, c] += grad_out[o, c] * inv
-    missing = (K - _active_count(out_idx, n_out)).astype(dtype) / K
+    count_a = np.empty(max(n_out, 1), dtype=np.int32)
+    cdef int32_t[::1] count = count_a
+    _count_active(out_idx, &count[0], n_out)
+    missing = (K - count_a[:n_out]).astype(dtype) / K
     gg = (missing @ np.asarray(grad_out)).astype(dtype, copy=False)
     return gx_a, gg

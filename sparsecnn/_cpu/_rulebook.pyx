@@ -63,6 +63,82 @@ def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
     return keys_a, vals_a, inv_a, int(n_unique)
 
 
+cdef inline int _log2_capacity(Py_ssize_t n) noexcept nogil:
+    """log2 of the power-of-two table size for n keys at load <= 1/2 (at least 16 slots)."""
+    cdef int bits = 4
+    while (<Py_ssize_t>1 << bits) < 2 * n:
+        bits += 1
+    return bits
+
+
+cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
+                             int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
+                             Py_ssize_t per_in, int64_t* keys, int32_t* vals,
+                             int32_t* ocoords, int32_t* tri, int64_t* count,
+                             Py_ssize_t* n_pairs) noexcept nogil:
+    """Outputs and pairs of the inputs perm[a:b] (one sample) with a private hash table.
+
+    Writes local output coords (in order of first appearance) to ocoords and (k, i, o_local)
+    triples to tri; counts pairs per offset. Returns the number of outputs."""
+    cdef int bits = _log2_capacity((b - a) * per_in)
+    cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1, q, P = 0
+    cdef int shift = 64 - bits, j, k, p, skip
+    cdef int lo[MAX_DIM]
+    cdef int hi[MAX_DIM]
+    cdef int cur[MAX_DIM]
+    cdef int32_t orow[MAX_DIM + 1]
+    cdef int32_t n_out = 0, r, o
+    cdef int64_t i
+    for q in range(cap):
+        keys[q] = -1
+    for q in range(a, b):
+        i = perm[q]
+        skip = 0
+        for j in range(d):
+            p = coords[i, 1 + j]
+            # o*s <= p < o*s + f  <=>  ceil((p - f + 1) / s) <= o <= floor(p / s)
+            lo[j] = 0 if p - f + 1 <= 0 else (p - f + s) // s
+            hi[j] = p // s
+            if hi[j] > out_shape[j] - 1:
+                hi[j] = <int>out_shape[j] - 1
+            if lo[j] > hi[j]:
+                skip = 1
+            cur[j] = lo[j]
+        if skip:
+            continue
+        orow[0] = coords[i, 0]
+        while True:
+            k = 0
+            for j in range(d):
+                orow[1 + j] = cur[j]
+                k = k * f + (coords[i, 1 + j] - cur[j] * s)
+            r = _get_or_insert(keys, vals, mask, shift, _pack(orow, out_shape, d), n_out)
+            if r < 0:
+                o = n_out
+                for j in range(d + 1):
+                    ocoords[o * (d + 1) + j] = orow[j]
+                n_out += 1
+            else:
+                o = r
+            tri[3 * P] = k
+            tri[3 * P + 1] = <int32_t>i
+            tri[3 * P + 2] = o
+            count[k] += 1
+            P += 1
+            # odometer over the candidate outputs, last dimension fastest
+            j = d - 1
+            while j >= 0:
+                cur[j] += 1
+                if cur[j] <= hi[j]:
+                    break
+                cur[j] = lo[j]
+                j -= 1
+            if j < 0:
+                break
+    n_pairs[0] = P
+    return n_out
+
+
 def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape,
                         int filter_size, int stride):
     """Rulebook of a valid convolution / pooling window (f, s) over unique sites.
@@ -70,100 +146,86 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     Output site o is active iff some input site lies in its window [o*s, o*s + f)^d.
     coords : (n, 1 + d) int32, unique sites                      # IN
     spatial_shape : (d,) int64, input size; (N - f) % s == 0     # IN
-    Returns out_coords (n_out, 1 + d) int32 (in order of first appearance while scanning the
-    inputs in order: deterministic), in_idx, out_idx (P,) int32, offsets (K + 1,) int64 (pairs
-    of offset k ordered by input row), and the output table (keys, vals).
+    Returns out_coords (n_out, 1 + d) int32, in_idx, out_idx (P,) int32 and offsets (K + 1,)
+    int64. Samples are independent, so each OpenMP task takes one sample with a small
+    private hash table. Outputs are ordered by sample, then by first appearance while
+    scanning that sample's inputs in order; pairs of offset k likewise: a deterministic order
+    that does not depend on the number of threads.
     """
     cdef Py_ssize_t n = coords.shape[0]
     cdef int d = coords.shape[1] - 1
     cdef int f = filter_size, s = stride, j, K = 1, span = (filter_size + stride - 1) // stride
-    cdef int64_t per_in = 1
+    cdef Py_ssize_t per_in = 1
     for j in range(d):
         K *= f
         per_in *= span
     out_shape_a = np.array([(spatial_shape[j] - f) // s + 1 for j in range(d)], dtype=np.int64)
     cdef const int64_t[::1] out_shape = out_shape_a
-    cdef Py_ssize_t bound = n * per_in
-    cap, shift_ = _capacity(bound)
-    cdef int shift = shift_
-    cdef Py_ssize_t mask = cap - 1
-    keys_a = np.full(cap, -1, dtype=np.int64)
-    vals_a = np.empty(cap, dtype=np.int32)
-    ocoords_a = np.empty((max(bound, 1), 1 + d), dtype=np.int32)
-    tri_a = np.empty((max(bound, 1), 3), dtype=np.int32)        # (k, i, o) in scan order
-    counts_a = np.zeros(K + 1, dtype=np.int64)
-    cdef int64_t[::1] keys = keys_a
-    cdef int32_t[::1] vals = vals_a
+    if n == 0:
+        return (np.empty((0, 1 + d), np.int32), np.empty(0, np.int32), np.empty(0, np.int32),
+                np.zeros(K + 1, np.int64))
+    # group the rows by sample (stable)
+    batch = np.asarray(coords[:, 0])
+    cdef Py_ssize_t B = int(batch.max()) + 1
+    perm_a = np.argsort(batch, kind="stable").astype(np.int64)
+    bstart_a = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(np.bincount(batch, minlength=B), out=bstart_a[1:])
+    cdef const int64_t[::1] perm = perm_a
+    cdef const int64_t[::1] bstart = bstart_a
+    cdef Py_ssize_t biggest = int(np.diff(bstart_a).max()) * per_in
+    cdef int cap_bits = _log2_capacity(biggest)
+    ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
+    tri_a = np.empty((n * per_in, 3), dtype=np.int32)
+    count_a = np.zeros((B, K), dtype=np.int64)
+    nout_a = np.zeros(B, dtype=np.int64)
+    npairs_a = np.zeros(B, dtype=np.int64)
     cdef int32_t[:, ::1] ocoords = ocoords_a
     cdef int32_t[:, ::1] tri = tri_a
-    cdef int64_t[::1] counts = counts_a
-    cdef int lo[MAX_DIM]
-    cdef int hi[MAX_DIM]
-    cdef int cur[MAX_DIM]
-    cdef int32_t orow[MAX_DIM + 1]
-    cdef Py_ssize_t i, P = 0
-    cdef int32_t n_out = 0, r, o
-    cdef int p, k, skip
-    cdef int64_t key
-    with nogil:
-        for i in range(n):
-            skip = 0
-            for j in range(d):
-                p = coords[i, 1 + j]
-                # o*s <= p < o*s + f  <=>  ceil((p - f + 1) / s) <= o <= floor(p / s)
-                lo[j] = 0 if p - f + 1 <= 0 else (p - f + 1 + s - 1) // s
-                hi[j] = p // s
-                if hi[j] > out_shape[j] - 1:
-                    hi[j] = <int>out_shape[j] - 1
-                if lo[j] > hi[j]:
-                    skip = 1
-                cur[j] = lo[j]
-            if skip:
-                continue
-            orow[0] = coords[i, 0]
-            while True:
-                k = 0
-                for j in range(d):
-                    orow[1 + j] = cur[j]
-                    k = k * f + (coords[i, 1 + j] - cur[j] * s)
-                key = _pack(orow, &out_shape[0], d)
-                r = _get_or_insert(&keys[0], &vals[0], mask, shift, key, n_out)
-                if r < 0:
-                    o = n_out
-                    for j in range(d + 1):
-                        ocoords[o, j] = orow[j]
-                    n_out += 1
-                else:
-                    o = r
-                tri[P, 0] = k
-                tri[P, 1] = <int32_t>i
-                tri[P, 2] = o
-                counts[k + 1] += 1
-                P += 1
-                # odometer over the candidate outputs, last dimension fastest
-                j = d - 1
-                while j >= 0:
-                    cur[j] += 1
-                    if cur[j] <= hi[j]:
-                        break
-                    cur[j] = lo[j]
-                    j -= 1
-                if j < 0:
-                    break
-    offsets_a = np.cumsum(counts_a)
+    cdef int64_t[:, ::1] count = count_a
+    cdef int64_t[::1] nout = nout_a
+    cdef Py_ssize_t[::1] npairs = npairs_a.view(np.intp)
+    cdef Py_ssize_t bb, r0
+    cdef int64_t* keys
+    cdef int32_t* vals
+    with nogil, parallel():
+        keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
+        vals = <int32_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int32_t))
+        for bb in prange(B, schedule='dynamic'):
+            r0 = bstart[bb] * per_in
+            nout[bb] = _conv_sample(coords, &out_shape[0], d, f, s, &perm[0], bstart[bb],
+                                    bstart[bb + 1], per_in, keys, vals, &ocoords[r0, 0],
+                                    &tri[r0, 0], &count[bb, 0], &npairs[bb])
+        free(keys)
+        free(vals)
+    # global numbering: outputs by sample; pairs by offset, then sample
+    obase_a = np.zeros(B + 1, dtype=np.int64)
+    np.cumsum(nout_a, out=obase_a[1:])
+    offsets_a = np.zeros(K + 1, dtype=np.int64)
+    np.cumsum(count_a.sum(axis=0), out=offsets_a[1:])
+    pos_a = np.ascontiguousarray(offsets_a[:K][None, :] + np.cumsum(count_a, axis=0) - count_a)
+    cdef Py_ssize_t n_out = obase_a[B], P = offsets_a[K]
+    out_coords_a = np.empty((n_out, 1 + d), dtype=np.int32)
     in_a = np.empty(P, dtype=np.int32)
     out_a = np.empty(P, dtype=np.int32)
+    cdef int32_t[:, ::1] out_coords = out_coords_a
     cdef int32_t[::1] in_idx = in_a
     cdef int32_t[::1] out_idx = out_a
-    cdef int64_t[::1] pos = offsets_a.copy()
-    cdef Py_ssize_t q, t
+    cdef int64_t[:, ::1] pos = pos_a
+    cdef const int64_t[::1] obase = obase_a
+    cdef Py_ssize_t q, t, kk
     with nogil:
-        for q in range(P):           # stable counting sort by offset
-            t = pos[tri[q, 0]]
-            in_idx[t] = tri[q, 1]
-            out_idx[t] = tri[q, 2]
-            pos[tri[q, 0]] = t + 1
-    return (ocoords_a[:n_out].copy(), in_a, out_a, offsets_a, keys_a, vals_a)
+        for bb in prange(B, schedule='static'):
+            r0 = bstart[bb] * per_in
+            for q in range(nout[bb]):
+                for j in range(d + 1):
+                    out_coords[obase[bb] + q, j] = ocoords[r0 + q, j]
+            for q in range(r0, r0 + npairs[bb]):
+                kk = tri[q, 0]
+                t = pos[bb, kk]
+                in_idx[t] = tri[q, 1]
+                out_idx[t] = <int32_t>(obase[bb] + tri[q, 2])
+                pos[bb, kk] = t + 1
+    return out_coords_a, in_a, out_a, offsets_a
 
 
 cdef void _neighbours(const int32_t[:, ::1] coords, const int64_t* shape, int d, int f,

@@ -1,0 +1,3 @@
+from sparsecnn.cli import main
+
+raise SystemExit(main())
