@@ -6,6 +6,7 @@ sparsecnn.train, sparsecnn.stats and sparsecnn.data.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -75,6 +76,195 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- training commands --------------------------------------------------------------------------
+def _load_data(args: argparse.Namespace):
+    """(train, test, extra held-out sets) for --data."""
+    from sparsecnn import data
+    if args.data == "kanjivg":
+        sel = args.select
+        select = sel if sel in ("first", "kana") else list(sel)
+        train = data.load_kanjivg(args.classes, select=select)
+        # held out: the same characters drawn with other augmentations, and the variant
+        # drawings (-Kaisho etc.) of those characters that KanjiVG has
+        return train, train, {"variants": data.load_kanjivg_variants(train)}
+    if args.data == "synthetic":
+        train = data.synthetic_strokes(args.classes, 20, seed=0)
+        return train, data.synthetic_strokes(args.classes, 10, seed=1), {}
+    ds = data.load_strokes(args.data)
+    train, test = ds.split(0.8, seed=args.seed)
+    return train, test, {}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a DeepCNet/DeepCNiN on stroke data; print held-out accuracy; save the model."""
+    import sparsecnn as scn
+    from sparsecnn import train as T
+
+    train, test, extra = _load_data(args)
+    arch = {"deepcnet": scn.models.DeepCNet, "deepcnin": scn.models.DeepCNiN}[args.arch]
+    from sparsecnn.data import num_feature_channels
+    cin = num_feature_channels(args.features, args.signature_depth)
+    model = arch(args.l, args.k, in_channels=cin, num_classes=train.num_classes,
+                 activation=args.activation, dropout=args.dropout, seed=args.seed)
+    n_extra = sum(len(v) for v in extra.values())
+    print(f"{type(model).__name__}(l={args.l}, k={args.k}), input {model.input_size}x"
+          f"{model.input_size}, {sum(p.data.size for p in model.parameters()):,} parameters; "
+          f"{train.num_classes} classes, {len(train)} training drawings x {args.repeats} "
+          f"augmented copies per epoch, {len(test)} test drawings"
+          + (f", {n_extra} variant drawings" if n_extra else ""), flush=True)
+    info = {"class_names": list(train.class_names), "features": args.features,
+            "signature_depth": args.signature_depth, "scale": args.scale}
+    t0 = time.perf_counter()
+    hist = T.fit(model, train, test, extra_eval=extra, checkpoint=args.checkpoint,
+                 resume=args.resume, log=args.log, progress=not args.quiet, info=info,
+                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                 lr_decay=args.lr_decay, weight_decay=args.weight_decay,
+                 momentum=args.momentum, repeats=args.repeats, features=args.features,
+                 signature_depth=args.signature_depth, scale=args.scale, tta=args.tta,
+                 seed=args.seed, device=args.device, clip_grad=args.clip_grad,
+                 eval_every=args.eval_every, label_smoothing=args.label_smoothing)
+    minutes = (time.perf_counter() - t0) / 60
+    last = hist[-1]
+    scn.save(model, args.out, meta={"kind": "model", "info": info, "history": hist})
+    print(f"\ntrained {len(hist)} epochs in {minutes:.1f} min "
+          f"({last['samples_per_second']:.0f} samples/s in the last epoch)")
+    if "test_accuracy" in last:
+        print(f"held-out accuracy (augmented draws of the test set, tta={args.tta}): "
+              f"{100 * last['test_accuracy']:.2f}%  top-5 {100 * last['test_top5']:.2f}%")
+    if "variants_accuracy" in last:
+        print(f"held-out accuracy (variant drawings, {n_extra}): "
+              f"{100 * last['variants_accuracy']:.2f}%  top-5 {100 * last['variants_top5']:.2f}%")
+    print(f"model saved to {args.out}")
+    return 0
+
+
+def _load_model(path: str):
+    from sparsecnn import io
+    model, _, meta = io.load_file(path)
+    info = meta.get("info", {})
+    return model, info
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Accuracy of a saved model on held-out data."""
+    from sparsecnn import train as T
+    model, info = _load_model(args.model)
+    args.classes = getattr(model, "num_classes", args.classes)
+    _, test, extra = _load_data(args)
+    kw = dict(tta=args.tta, features=info.get("features", "presence"),
+              signature_depth=info.get("signature_depth", 2), scale=info.get("scale"),
+              device=args.device, progress=not args.quiet)
+    for name, ds in {"test": test, **extra}.items():
+        if len(ds):
+            aug = name == "test" or args.tta > 1   # variants: as drawn unless tta
+            r = T.evaluate(model, ds, augment=aug, **kw)
+            print(f"{name:<9} n={r['n']:<6} accuracy {100 * r['accuracy']:.2f}%  top-5 "
+                  f"{100 * r['top5']:.2f}%  loss {r['loss']:.4f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-5 classes with probabilities for strokes in a JSON file."""
+    from sparsecnn import train as T
+    from sparsecnn.data import normalize
+    model, info = _load_model(args.model)
+    doc = json.loads(Path(args.strokes).read_text())
+    samples = doc if isinstance(doc, list) and doc and isinstance(doc[0], dict) else [doc]
+    strokes = []
+    for i, smp in enumerate(samples):
+        raw = smp.get("strokes") if isinstance(smp, dict) else smp
+        try:
+            strokes.append(normalize([np.asarray(s, dtype=np.float64).reshape(-1, 2)
+                                      for s in raw]))
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"sparsecnn predict: sample {i} of {args.strokes} is not a list "
+                             f"of strokes [[x, y], ...]: {e}") from None
+    probs = T.predict(model, strokes, tta=args.tta, features=info.get("features", "presence"),
+                      signature_depth=info.get("signature_depth", 2), scale=info.get("scale"),
+                      device=args.device)
+    names = info.get("class_names") or [str(i) for i in range(probs.shape[1])]
+    out = []
+    for p in probs:
+        top = np.argsort(-p)[:args.top]
+        out.append([{"class": names[j], "index": int(j), "probability": float(p[j])}
+                    for j in top])
+    print(json.dumps(out if len(out) > 1 else out[0], ensure_ascii=False, indent=1))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """PNG of the active sites per layer for one input (the paper's Figure 2) and curves."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("sparsecnn show needs matplotlib: pip install sparsecnn[plot]") from None
+    import sparsecnn as scn
+    from sparsecnn import data
+    from sparsecnn.autograd import no_grad
+
+    if args.model:
+        model, info = _load_model(args.model)
+    else:
+        model, info = scn.models.DeepCNet(args.l, args.k, seed=0), {}
+    n = model.input_size
+    strokes, what = _demo_strokes(args.char)
+    coords, feats = data.render(strokes, n, info.get("scale"),
+                                features=info.get("features", "presence"),
+                                signature_depth=info.get("signature_depth", 2))
+    x = scn.SparseTensor.from_samples([(coords, feats)], (n, n))
+    maps = [("input", x)]
+    with no_grad():
+        h = x
+        for layer in model.features:
+            h = layer(h)
+            if isinstance(layer, (scn.Convolution, scn.MaxPooling)):
+                maps.append((f"{type(layer).__name__} {h.spatial_shape[0]}x"
+                             f"{h.spatial_shape[1]}", h))
+    hist = info_hist = None
+    if args.model:
+        from sparsecnn import io
+        info_hist = io.load_file(args.model)[2].get("history")
+        hist = info_hist if info_hist else None
+    cols = len(maps) + (1 if hist else 0)
+    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.9))
+    for ax, (title, t) in zip(axes, maps):
+        img = np.zeros(t.spatial_shape)
+        c = np.asarray(t.coords)
+        img[c[:, 1], c[:, 2]] = 1
+        ax.imshow(img, cmap="gray_r", interpolation="nearest")
+        ax.set_title(f"{title}\n{t.n_active} active ({100 * t.density:.1f}%)", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if hist:
+        ax = axes[-1]
+        ep = [r["epoch"] for r in hist]
+        ax.plot(ep, [r["train_accuracy"] for r in hist], label="train")
+        if "test_accuracy" in hist[0]:
+            ax.plot(ep, [r.get("test_accuracy") for r in hist], label="test")
+        ax.set_xlabel("epoch")
+        ax.set_title("accuracy", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"active sites per layer: {what}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_data_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--data", default="kanjivg",
+                   help="'kanjivg' (default), 'synthetic', or a stroke file (.npz/.jsonl)")
+    s.add_argument("--classes", type=int, default=100, help="number of classes")
+    s.add_argument("--select", default="first",
+                   help="KanjiVG classes: 'first' (first N kanji), 'kana', or the characters")
+    s.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
+    s.add_argument("--tta", type=int, default=1, help="test-time augmentation passes")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsecnn", description="Spatially-sparse CNNs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,11 +275,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", type=int, default=32, help="DeepCNet width k")
     s.add_argument("--char", default=None, help="KanjiVG character to draw")
     s.set_defaults(func=cmd_demo)
-    try:
-        from . import train as _train
-        _train.add_commands(sub)
-    except ImportError:  # pragma: no cover - train.py not present yet
-        pass
+    s = sub.add_parser("train", help="train on stroke data (default: KanjiVG, 100 classes)")
+    _add_data_args(s)
+    s.add_argument("--arch", choices=["deepcnet", "deepcnin"], default="deepcnet")
+    s.add_argument("--l", type=int, default=4, help="depth l (input 3*2**l)")
+    s.add_argument("--k", type=int, default=32, help="width k")
+    s.add_argument("--activation", default="vleaky", help="relu, leaky, vleaky (1/3)")
+    s.add_argument("--dropout", type=float, default=0.0)
+    s.add_argument("--epochs", type=int, default=20)
+    s.add_argument("--repeats", type=int, default=8,
+                   help="augmented copies of each training drawing per epoch")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--lr", type=float, default=0.01)
+    s.add_argument("--lr-decay", type=float, default=0.05, help="lr0 * exp(-decay * epoch)")
+    s.add_argument("--momentum", type=float, default=0.9)
+    s.add_argument("--weight-decay", type=float, default=1e-4)
+    s.add_argument("--clip-grad", type=float, default=None)
+    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--features", default="presence", choices=["presence", "directions",
+                                                              "signature"])
+    s.add_argument("--signature-depth", type=int, default=2)
+    s.add_argument("--scale", type=int, default=None, help="character box in pixels")
+    s.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs")
+    s.add_argument("--out", default="sparsecnn-model.npz", help="where to save the model")
+    s.add_argument("--checkpoint", default=None, help="checkpoint file (written every epoch)")
+    s.add_argument("--resume", action="store_true", help="resume from --checkpoint")
+    s.add_argument("--log", default=None, help="JSON-lines metrics log")
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("evaluate", help="accuracy of a saved model")
+    _add_data_args(s)
+    s.add_argument("model", help="model file from `sparsecnn train`")
+    s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("predict", help="top-5 classes for strokes in a JSON file")
+    s.add_argument("model", help="model file from `sparsecnn train`")
+    s.add_argument("strokes", help='JSON: [[[x, y], ...], ...] or [{"strokes": ...}, ...]')
+    s.add_argument("--top", type=int, default=5)
+    s.add_argument("--tta", type=int, default=1)
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_predict)
+    s = sub.add_parser("show", help="PNG: active sites per layer (+ training curves)")
+    s.add_argument("--model", default=None, help="a saved model (else DeepCNet(l, k))")
+    s.add_argument("--l", type=int, default=5)
+    s.add_argument("--k", type=int, default=32)
+    s.add_argument("--char", default=None)
+    s.add_argument("--out", default="sparsecnn-show.png")
+    s.set_defaults(func=cmd_show)
     return p
 
 

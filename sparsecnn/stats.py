@@ -73,13 +73,16 @@ def layer_stats(model: Module, x: SparseTensor) -> list[LayerStats]:
     """Run ``model``'s sparse layers on ``x`` (no graph) and describe each output.
 
     ``model`` is a Sequential of sparse layers or a model with a ``features`` Sequential
-    (DeepCNet, DeepCNiN). Row 0 describes the input.
+    (DeepCNet, DeepCNiN). Row 0 describes the input. The pass runs in eval mode (no
+    dropout, no batch-statistics update), so it leaves the model's state untouched.
     """
     body = model if isinstance(model, Sequential) else getattr(model, "features", None)
     if not isinstance(body, Sequential):
         raise TypeError("layer_stats needs a Sequential or a model with a .features Sequential")
     rows = [LayerStats(0, "input", x.spatial_shape, x.channels, x.n_active,
                        x.batch_size * int(np.prod(x.spatial_shape)), 0, 0)]
+    was_training = model.training
+    model.eval()
     with no_grad():
         h = x
         for i, layer in enumerate(body, 1):
@@ -90,6 +93,7 @@ def layer_stats(model: Module, x: SparseTensor) -> list[LayerStats]:
             rows.append(LayerStats(i, short_name(layer), y.spatial_shape, y.channels, y.n_active,
                                    y.batch_size * int(np.prod(y.spatial_shape)), sp, de))
             h = y
+    model.train(was_training)
     return rows
 
 

@@ -6,9 +6,13 @@ Offsets run in order and, within one, an output row occurs once: no races, fixed
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdlib cimport calloc, free
 
 import numpy as np
+
+cdef enum:
+    POOL_CHUNK = 256    # outputs per task where a reduction needs per-chunk partials
 
 
 cdef void _count_active(const int32_t[::1] out_idx, int32_t* count,
@@ -18,6 +22,56 @@ cdef void _count_active(const int32_t[::1] out_idx, int32_t* count,
         count[q] = 0
     for q in range(out_idx.shape[0]):
         count[out_idx[q]] += 1
+
+
+cdef extern from *:
+    """
+    /* out = max(out, x), arg = i where x won: branch-free, restrict-qualified so gcc
+       vectorises it without a run-time aliasing check. */
+    #define SCN_MAX_ROW(T)                                                               \
+    static inline void scn_max_row_##T(const T *__restrict__ x, T *__restrict__ out,     \
+                                       int32_t *__restrict__ arg, int32_t i, Py_ssize_t C) { \
+        for (Py_ssize_t c = 0; c < C; c++) {                                             \
+            T v = x[c], cur = out[c];                                                    \
+            int32_t m = -(int32_t)(v > cur), a = arg[c];                                 \
+            out[c] = v > cur ? v : cur;                                                  \
+            arg[c] = (a & ~m) | (i & m);                                                 \
+        }                                                                                \
+    }                                                                                    \
+    static inline void scn_max_row_backward_##T(const T *__restrict__ gy,                \
+                                                const int32_t *__restrict__ arg,         \
+                                                T *__restrict__ gx, int32_t i,           \
+                                                Py_ssize_t C) {                          \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gx[c] += gy[c] * (T)(arg[c] == i);                                           \
+    }
+    SCN_MAX_ROW(float)
+    SCN_MAX_ROW(double)
+    """
+    void scn_max_row_float(const float* x, float* out, int32_t* arg, int32_t i,
+                           Py_ssize_t C) noexcept nogil
+    void scn_max_row_double(const double* x, double* out, int32_t* arg, int32_t i,
+                            Py_ssize_t C) noexcept nogil
+    void scn_max_row_backward_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
+                                    Py_ssize_t C) noexcept nogil
+    void scn_max_row_backward_double(const double* gy, const int32_t* arg, double* gx,
+                                     int32_t i, Py_ssize_t C) noexcept nogil
+
+
+cdef inline void _max_row(const floating* x, floating* out, int32_t* arg, int32_t i,
+                          Py_ssize_t C) noexcept nogil:
+    if floating is float:
+        scn_max_row_float(x, out, arg, i, C)
+    else:
+        scn_max_row_double(x, out, arg, i, C)
+
+
+cdef inline void _max_row_backward(const floating* gy, const int32_t* arg, floating* gx,
+                                   int32_t i, Py_ssize_t C) noexcept nogil:
+    if floating is float:
+        scn_max_row_backward_float(gy, arg, gx, i, C)
+    else:
+        scn_max_row_backward_double(gy, arg, gx, i, C)
 
 
 def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
@@ -37,7 +91,9 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     cdef floating neg_inf = -np.inf
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, C), dtype=dtype)
-    arg_a = np.empty((n_out, C), dtype=np.int32)
+    # offset argmax by half a page from out: rows o of both arrays would otherwise share
+    # their address modulo 4096 and every store to one would stall loads from the other
+    arg_a = np.empty(n_out * C + 512, dtype=np.int32)[512:].reshape(n_out, C)
     count_a = np.empty(max(n_out, 1), dtype=np.int32)
     cdef floating[:, ::1] out = out_a
     cdef int32_t[:, ::1] arg = arg_a
@@ -57,12 +113,22 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                 for q in prange(q0, q1, schedule='static'):
                     i = in_idx[q]
                     o = out_idx[q]
-                    for c in range(C):
-                        v = features[i, c]
-                        if v > out[o, c]:
-                            out[o, c] = v
-                            arg[o, c] = i
+                    _max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
     return out_a, arg_a
+
+
+cdef bint _inputs_repeat(const int32_t[::1] in_idx, Py_ssize_t n_in) noexcept nogil:
+    """Whether some input row sits in two windows (overlapping windows, s < f)."""
+    cdef uint8_t* seen = <uint8_t*>calloc(max(n_in, 1), 1)
+    cdef Py_ssize_t q
+    cdef bint rep = False
+    for q in range(in_idx.shape[0]):
+        if seen[in_idx[q]]:
+            rep = True
+            break
+        seen[in_idx[q]] = 1
+    free(seen)
+    return rep
 
 
 def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argmax,
@@ -72,28 +138,45 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
 
     grad_out : (n_out, C); argmax : (n_out, C) int32 from maxpool_forward     # IN
     Returns grad_features (n_in, C) and grad_ground (C,) (the windows the ground won).
+    Non-overlapping windows: one pass over the outputs, scattering to the winners (each input
+    has one window, so no two threads write one row); overlapping windows: per offset.
     """
     cdef int K = offsets.shape[0] - 1, k
-    cdef Py_ssize_t C = grad_out.shape[1], n_out = grad_out.shape[0], o, c, q
-    cdef int32_t i
-    cdef Py_ssize_t q0, q1
+    cdef Py_ssize_t C = grad_out.shape[1], n_out = grad_out.shape[0], o, c, q, q0, q1, ch
+    cdef Py_ssize_t nch = (n_out + POOL_CHUNK - 1) // POOL_CHUNK
+    cdef int32_t i, a
     dtype = np.float32 if floating is float else np.float64
     gx_a = np.zeros((n_in, C), dtype=dtype)
+    part_a = np.zeros((max(nch, 1), C), dtype=dtype)
     cdef floating[:, ::1] gx = gx_a
-    if n_out:
-        with nogil, parallel():
-            for k in range(K):
-                q0 = offsets[k]
-                q1 = offsets[k + 1]
-                for q in prange(q0, q1, schedule='static'):
-                    i = in_idx[q]
-                    o = out_idx[q]
+    cdef floating[:, ::1] part = part_a
+    if n_out == 0:
+        return gx_a, part_a.sum(axis=0)
+    with nogil:
+        if not _inputs_repeat(in_idx, n_in):
+            for ch in prange(nch, schedule='static'):
+                for o in range(ch * POOL_CHUNK, min(ch * POOL_CHUNK + POOL_CHUNK, n_out)):
                     for c in range(C):
-                        if argmax[o, c] == i:
-                            gx[i, c] += grad_out[o, c]
-    g_out = np.asarray(grad_out)
-    gg = np.where(np.asarray(argmax) == -1, g_out, 0).sum(axis=0).astype(dtype, copy=False)
-    return gx_a, gg
+                        a = argmax[o, c]
+                        if a >= 0:
+                            gx[a, c] += grad_out[o, c]
+                        else:
+                            part[ch, c] += grad_out[o, c]
+        else:
+            for ch in prange(nch, schedule='static'):
+                for o in range(ch * POOL_CHUNK, min(ch * POOL_CHUNK + POOL_CHUNK, n_out)):
+                    for c in range(C):
+                        if argmax[o, c] < 0:
+                            part[ch, c] += grad_out[o, c]
+            with parallel():
+                for k in range(K):
+                    q0 = offsets[k]
+                    q1 = offsets[k + 1]
+                    for q in prange(q0, q1, schedule='static'):
+                        i = in_idx[q]
+                        o = out_idx[q]
+                        _max_row_backward(&grad_out[o, 0], &argmax[o, 0], &gx[i, 0], i, C)
+    return gx_a, part_a.sum(axis=0)   # chunk partials in a fixed order
 
 
 def avgpool_forward(const floating[:, ::1] features, const floating[::1] ground,
