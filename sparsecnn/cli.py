@@ -222,18 +222,17 @@ def cmd_show(args: argparse.Namespace) -> int:
             if isinstance(layer, (scn.Convolution, scn.MaxPooling)):
                 maps.append((f"{type(layer).__name__} {h.spatial_shape[0]}x"
                              f"{h.spatial_shape[1]}", h))
-    hist = info_hist = None
+    hist = None
     if args.model:
         from sparsecnn import io
-        info_hist = io.load_file(args.model)[2].get("history")
-        hist = info_hist if info_hist else None
+        hist = io.load_file(args.model)[2].get("history") or None
     cols = len(maps) + (1 if hist else 0)
     fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.9))
     for ax, (title, t) in zip(axes, maps):
         img = np.zeros(t.spatial_shape)
         c = np.asarray(t.coords)
         img[c[:, 1], c[:, 2]] = 1
-        ax.imshow(img, cmap="gray_r", interpolation="nearest")
+        ax.imshow(img, cmap="gray_r", interpolation="nearest", vmin=0, vmax=1)
         ax.set_title(f"{title}\n{t.n_active} active ({100 * t.density:.1f}%)", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -241,12 +240,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         ax = axes[-1]
         ep = [r["epoch"] for r in hist]
         ax.plot(ep, [r["train_accuracy"] for r in hist], label="train")
-        if "test_accuracy" in hist[0]:
-            ax.plot(ep, [r.get("test_accuracy") for r in hist], label="test")
+        tested = [r for r in hist if "test_accuracy" in r]
+        if tested:
+            ax.plot([r["epoch"] for r in tested], [r["test_accuracy"] for r in tested], "o-",
+                    label="test")
         ax.set_xlabel("epoch")
         ax.set_title("accuracy", fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle(f"active sites per layer: {what}", fontsize=9)
+    # default fonts lack CJK glyphs: name the character by its code point
+    title = "".join(c if ord(c) < 128 else f"U+{ord(c):04X}" for c in what)
+    fig.suptitle(f"active sites per layer: {title}", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
