@@ -12,8 +12,8 @@ import numpy as np
 DEVICES = ("cpu", "cuda")
 
 
-class GPUUnavailableError(RuntimeError):
-    """A CUDA device was asked for but cannot be used."""
+class GPUUnavailableError(ValueError, RuntimeError):
+    """A CUDA device was asked for but cannot be used (a ValueError, as bad input is)."""
 
 
 def parse_device(device: str | None) -> str:

@@ -52,11 +52,59 @@ def build(spec: Any) -> Module:
     return LAYERS[kind](**args)
 
 
+_MAX_DEPTH = 64
+
+
+def _param_count(spec: Any, depth: int = 0) -> int:
+    """Upper bound of the array elements that building ``spec`` allocates (checked before
+    building, so a hostile spec cannot ask for gigabytes)."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"model spec nested deeper than {_MAX_DEPTH} levels")
+    if not isinstance(spec, dict):
+        raise ValueError("a module spec must be a dict")
+    if spec.get("type") == "Sequential":
+        layers = spec.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError("Sequential spec needs a list 'layers'")
+        return sum(_param_count(s, depth + 1) for s in layers)
+
+    def num(key: str, default: int = 1) -> int:
+        v = spec.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            return 0        # not a size: the layer's constructor says what is wrong
+        if v > 2**31:
+            raise ValueError(f"bad {key}={v!r} in model spec")
+        return v
+    kind = spec.get("type")
+    if kind in ("Convolution", "SubmanifoldConvolution"):
+        return num("filter_size") ** num("dim", 2) * num("in_channels") * num(
+            "out_channels") + num("out_channels")
+    if kind == "NetworkInNetwork":
+        return (num("in_channels") + 1) * num("out_channels")
+    if kind == "Linear":
+        return (num("in_features") + 1) * num("out_features")
+    if kind == "BatchNorm":
+        return 4 * num("channels")
+    if kind in ("DeepCNet", "DeepCNiN"):
+        l, k, d = num("l"), num("k"), num("dim", 2)
+        if l > 30:
+            raise ValueError(f"bad l={l} in model spec")
+        total, cin = 0, num("in_channels")
+        for i in range(l + 1):
+            cout = (i + 1) * k
+            total += (3 if i == 0 else 2) ** d * cin * cout + cout
+            if kind == "DeepCNiN":
+                total += (cout + 1) * cout
+            cin = cout
+        return total + (cin + 1) * num("num_classes")
+    return 0
+
+
 def load_file(path: str | os.PathLike) -> tuple[Module, dict[str, np.ndarray], dict[str, Any]]:
     """(model, extra arrays, meta) from a file written by :func:`save`."""
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             if _SPEC_KEY not in z.files:
                 raise ValueError("no model spec inside")
             doc = json.loads(bytes(z[_SPEC_KEY].astype(np.uint8)).decode())
@@ -64,12 +112,17 @@ def load_file(path: str | os.PathLike) -> tuple[Module, dict[str, np.ndarray], d
             extra = {k[6:]: z[k] for k in z.files if k.startswith("extra:")}
         if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
             raise ValueError(f"not a {_FORMAT} file")
+        if "model" not in doc:
+            raise ValueError("no 'model' in the spec")
+        stored = sum(int(np.asarray(v).size) for v in state.values())
+        if _param_count(doc["model"]) > stored + 2**20:   # far more than the file holds
+            raise ValueError("the model spec asks for more parameters than the file stores")
         model = build(doc["model"])
         model.load_state_dict(state)
     except FileNotFoundError:
         raise
     except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile,
-            UnicodeDecodeError, json.JSONDecodeError) as e:
+            UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"cannot load a sparsecnn model from {path!r}: {e}") from e
     return model, extra, doc.get("meta", {})
 

@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from .nn import (LAYERS, Convolution, Dropout, LeakyReLU, Linear, MaxPooling, Module,
-                 NetworkInNetwork, ReLU, Sequential, _check_int, _register)
+                 NetworkInNetwork, ReLU, Sequential, _check_dtype, _check_int, _register)
 from .tensor import SparseTensor, Tensor
 
 ACTIVATIONS = {"relu": 0.0, "leaky": 0.01, "vleaky": 1.0 / 3.0}
@@ -43,6 +43,7 @@ class _DeepNet(Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         self.dim = _check_int(dim, "dim")
+        dtype = _check_dtype(dtype)
         rng = np.random.default_rng(seed)
         seeds = iter(rng.integers(0, 2**63 - 1, size=4 * (self.l + 2)))
         gain = 1.0 / np.sqrt(1.0 + self.slope ** 2)   # He init for the leaky slope
@@ -88,7 +89,7 @@ class _DeepNet(Module):
             raise ValueError(f"{self!r} expects {self.in_channels} input channels, got "
                              f"{x.channels}")
         y = self.features(x).to_dense()
-        return self.classifier(y.reshape(y.shape[0], -1))
+        return self.classifier(y.reshape(y.shape[0], int(np.prod(y.shape[1:]))))
 
     def _spec_args(self) -> dict[str, Any]:
         return dict(l=self.l, k=self.k, in_channels=self.in_channels,

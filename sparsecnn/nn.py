@@ -34,6 +34,16 @@ def _check_int(value: Any, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def _check_dtype(dtype: Any) -> np.dtype:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
 def he_normal(rng: np.random.Generator, shape: tuple[int, ...], fan_in: int,
               negative_slope: float = 0.0, dtype=np.float32) -> np.ndarray:
     """He initialisation: N(0, 2 / ((1 + a^2) fan_in)) for a (leaky) ReLU of slope a."""
@@ -63,11 +73,20 @@ class Module:
                     yield str(i), m
 
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, parameter) pairs; a parameter shared by several layers comes once,
+        under its first name."""
+        seen: set[int] = set()
+        for name, p in self._named_parameters_all(prefix):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+    def _named_parameters_all(self, prefix: str) -> Iterator[tuple[str, Parameter]]:
         for name, v in self._children():
             if isinstance(v, Parameter):
                 yield prefix + name, v
             else:
-                yield from v.named_parameters(prefix + name + ".")
+                yield from v._named_parameters_all(prefix + name + ".")
 
     def parameters(self) -> list[Parameter]:
         """Trainable parameters in definition order (weight before bias)."""
@@ -178,7 +197,11 @@ class Module:
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description from which :func:`sparsecnn.load` rebuilds the module."""
-        return {"type": type(self).__name__, **self._spec_args()}
+        out = {"type": type(self).__name__, **self._spec_args()}
+        ps = self.parameters()
+        if ps:
+            out["dtype"] = str(ps[0].dtype)
+        return out
 
     def _spec_args(self) -> dict[str, Any]:  # pragma: no cover - overridden
         return {}
@@ -221,7 +244,7 @@ class Convolution(_ConvBase):
         if self.dim > 4:
             raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
         self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
-                          bias, dtype, seed)
+                          bias, _check_dtype(dtype), seed)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if isinstance(x, SparseTensor) and x.dim != self.dim:
@@ -255,7 +278,7 @@ class SubmanifoldConvolution(_ConvBase):
         if self.dim > 4:
             raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
         self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
-                          bias, dtype, seed)
+                          bias, _check_dtype(dtype), seed)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if isinstance(x, SparseTensor) and x.dim != self.dim:
@@ -307,6 +330,7 @@ class NetworkInNetwork(Module):
         self.in_channels = _check_int(in_channels, "in_channels")
         self.out_channels = _check_int(out_channels, "out_channels")
         rng = np.random.default_rng(seed)
+        dtype = _check_dtype(dtype)
         self.weight = Parameter(he_normal(rng, (self.in_channels, self.out_channels),
                                           self.in_channels, dtype=dtype))
         self.bias = Parameter(np.zeros(self.out_channels, dtype=dtype)) if bias else None
@@ -383,6 +407,7 @@ class BatchNorm(Module):
         self.channels = _check_int(channels, "channels")
         self.eps = float(eps)
         self.momentum = float(momentum)
+        dtype = _check_dtype(dtype)
         self.weight = Parameter(np.ones(self.channels, dtype=dtype))
         self.bias = Parameter(np.zeros(self.channels, dtype=dtype))
         self.running_mean = np.zeros(self.channels, dtype=dtype)
@@ -413,7 +438,7 @@ class Flatten(Module):
     """Dense Tensor (B, ...) -> (B, prod(...))."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
 
 @_register
@@ -425,6 +450,7 @@ class Linear(Module):
         self.in_features = _check_int(in_features, "in_features")
         self.out_features = _check_int(out_features, "out_features")
         rng = np.random.default_rng(seed)
+        dtype = _check_dtype(dtype)
         std = 1.0 / math.sqrt(self.in_features)
         self.weight = Parameter((rng.standard_normal((self.in_features, self.out_features))
                                  * std).astype(dtype))

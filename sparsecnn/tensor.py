@@ -11,6 +11,7 @@ from .autograd import Node, Variable, record
 from .geometry import Geometry, check_packable
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT32_MAX = 2**31 - 1
 
 
 def _as_float_array(a: Any, name: str, dtype=None):
@@ -23,6 +24,15 @@ def _as_float_array(a: Any, name: str, dtype=None):
     if arr.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got dtype {arr.dtype}")
     return arr
+
+
+def _unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
+    """Sum a gradient over the axes along which an operand of ``shape`` was broadcast."""
+    if g.shape == shape:
+        return g
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
 
 
 class Tensor(Variable):
@@ -113,7 +123,9 @@ class Tensor(Variable):
         if isinstance(other, Tensor):
             out = Tensor(self.data * other.data)
             a, b = self.data, other.data
-            return record(out, [self, other], lambda g: (g * b, g * a), "mul")
+            return record(out, [self, other],
+                          lambda g: (_unbroadcast(g * b, a.shape), _unbroadcast(g * a, b.shape)),
+                          "mul")
         c = other
         out = Tensor((self.data * c).astype(self.dtype, copy=False))
         return record(out, [self], lambda g: ((g * c).astype(self.dtype, copy=False),), "mul")
@@ -123,7 +135,9 @@ class Tensor(Variable):
     def __add__(self, other: Any) -> Tensor:
         if isinstance(other, Tensor):
             out = Tensor(self.data + other.data)
-            return record(out, [self, other], lambda g: (g, g), "add")
+            sa, sb = self.data.shape, other.data.shape
+            return record(out, [self, other],
+                          lambda g: (_unbroadcast(g, sa), _unbroadcast(g, sb)), "add")
         out = Tensor((self.data + other).astype(self.dtype, copy=False))
         return record(out, [self], lambda g: (g,), "add")
 
@@ -209,6 +223,8 @@ class SparseTensor(Variable):
         if not np.isscalar(threshold) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
         a = backend.to_device(a, "cpu")
+        if not np.isfinite(a).all():
+            raise ValueError("array contains NaN or Inf; from_dense needs finite values")
         active = (np.abs(a) > threshold).any(axis=1)
         idx = np.nonzero(active)
         coords = np.stack(idx, axis=1).astype(np.int32)
@@ -357,6 +373,9 @@ class SparseTensor(Variable):
             raise ValueError(f"backward(): grad has shape {tuple(gf.shape)}, expected "
                              f"{tuple(self.features.shape)}")
         gg = xp.zeros_like(self.ground) if gg is None else xp.asarray(gg, self.dtype)
+        if tuple(gg.shape) != tuple(self.ground.shape):
+            raise ValueError(f"backward(): the ground-state grad has shape {tuple(gg.shape)}, "
+                             f"expected {tuple(self.ground.shape)}")
         return (gf, gg)
 
     def _accumulate(self, grad: Any) -> None:
@@ -386,6 +405,9 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
         raise ValueError(f"spatial_shape must have 1 to 4 dimensions, got {len(shape)}")
     if any(n <= 0 for n in shape):
         raise ValueError(f"spatial_shape must be positive, got {shape}")
+    if any(n > _INT32_MAX for n in shape):
+        raise ValueError(f"spatial_shape entries must be at most 2**31 - 1 (coordinates are "
+                         f"int32), got {shape}")
     d = len(shape)
     # coords
     if backend.device_of(coords) == "cuda":  # pragma: no cover - needs a GPU
@@ -419,6 +441,10 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
         if (c[:, 0] < 0).any():
             row = int(np.argmax(c[:, 0] < 0))
             raise ValueError(f"coords[{row}] has a negative batch index {int(c[row, 0])}")
+        if (c[:, 0] > _INT32_MAX).any():
+            row = int(np.argmax(c[:, 0] > _INT32_MAX))
+            raise ValueError(f"coords[{row}] has batch index {int(c[row, 0])}; batch indices "
+                             f"must be below 2**31")
         lim = np.asarray(shape)
         bad = (c[:, 1:] < 0) | (c[:, 1:] >= lim)
         if bad.any():

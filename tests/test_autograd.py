@@ -203,9 +203,6 @@ def test_layer_twice_in_one_sequential(rng):
     np.testing.assert_allclose(nin.bias.grad, gb, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Module.parameters() lists a shared parameter once "
-                                       "per use, so SGD(model.parameters()) raises 'params "
-                                       "contains the same parameter more than once'")
 def test_shared_layer_parameters_listed_once():
     nin = scn.NetworkInNetwork(3, 3)
     net = scn.Sequential(nin, scn.ReLU(), nin)
@@ -273,9 +270,6 @@ def test_mixed_requires_grad(rng):
     assert not (b * 2.0).requires_grad
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Tensor + and * broadcast in the forward pass but "
-                                       "the backward does not reduce over the broadcast axes: "
-                                       "a (3,) + b (2, 3) gives a.grad of shape (2, 3)")
 def test_broadcast_gradient_has_operand_shape(rng):
     a = scn.Tensor(rng.standard_normal(3), requires_grad=True)
     b = scn.Tensor(rng.standard_normal((2, 3)), requires_grad=True)

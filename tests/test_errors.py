@@ -117,8 +117,6 @@ def test_nonfinite_features(bad, dtype):
     np.testing.assert_array_equal(dense[0, 1, 2], f[0])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: coords >= 2**31 are cast to int32 without a "
-                                       "check (spatial_shape (2**33,), coord 2**32+5 -> 5)")
 def test_bug_coords_beyond_int32_are_not_silently_wrapped():
     """A spatial size >= 2**31 is accepted, but coords are stored as int32: a coordinate of
     2**32 + 5 must either be rejected or kept, never become another site."""
@@ -130,15 +128,11 @@ def test_bug_coords_beyond_int32_are_not_silently_wrapped():
     assert int(x.coords[0, 1]) == 2**32 + 5, f"site moved to {x.coords.tolist()}"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a batch index >= 2**31 wraps to a negative int32 "
-                                       "batch index instead of raising ValueError")
 def test_bug_batch_index_beyond_int32_raises():
     with pytest.raises(ValueError, match=r"coords|batch"):
         scn.SparseTensor(np.array([[2**31, 1]], np.int64), np.ones((1, 1)), (4,))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: from_dense silently drops NaN sites (|nan| > "
-                                       "threshold is False) instead of rejecting NaN features")
 def test_from_dense_rejects_nan():
     a = np.zeros((1, 1, 3, 3))
     a[0, 0, 1, 2] = np.nan
@@ -405,9 +399,6 @@ def test_empty_batch_model_gives_classifier_of_ground(arch, rng):
     assert not np.allclose(lg2[1], expected_row)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a batch of zero samples (batch_size=0) makes "
-                                       "DeepCNet fail in numpy reshape instead of giving "
-                                       "(0, num_classes) logits")
 def test_zero_samples_model():
     m = scn.models.DeepCNet(1, 2, num_classes=5, dtype=np.float64)
     x = scn.SparseTensor(np.zeros((0, 3), np.int32), np.zeros((0, 1)), (6, 6))
@@ -462,10 +453,6 @@ def test_cuda_without_cupy_says_what_to_install(device):
 
 
 @needs_no_cupy
-@pytest.mark.xfail(strict=True, reason="BUG (contract): design.md says bad input, including "
-                                       "'a GPU asked for without CuPy', raises "
-                                       "ValueError/TypeError; GPUUnavailableError is only a "
-                                       "RuntimeError")
 def test_cuda_without_cupy_is_a_value_error():
     with pytest.raises((ValueError, TypeError)):
         sparse().to("cuda")
@@ -492,9 +479,6 @@ def test_backward_needs_grad_for_non_scalar():
     assert x.grad is None        # nothing was accumulated by the failed calls
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SparseTensor.backward((grad_features, "
-                                       "grad_ground)) does not check grad_ground's shape: a "
-                                       "(7,) ground gradient for 2 channels is accumulated")
 def test_sparse_backward_checks_ground_grad_shape():
     x = sparse(requires_grad=True)
     with pytest.raises(ValueError, match=r"grad"):
