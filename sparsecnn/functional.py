@@ -222,9 +222,15 @@ def leaky_relu(x: SparseTensor, negative_slope: float = 0.01) -> SparseTensor:
     out = SparseTensor._make(x.geometry, xp.maximum(x.features, x.features * a),
                              xp.maximum(x.ground, x.ground * a))
 
+    def slope_of(v):     # 1 where v > 0, a elsewhere (arithmetic: where() branches per element)
+        m = (v > 0).astype(x.dtype)
+        m *= 1 - a
+        m += a
+        return m
+
     def backward(grad):
         gy, gg = grad
-        return ((xp.where(x.features > 0, gy, gy * a), xp.where(x.ground > 0, gg, gg * a)),)
+        return ((gy * slope_of(x.features), gg * slope_of(x.ground)),)
 
     return record(out, [x], backward, "leaky_relu")
 

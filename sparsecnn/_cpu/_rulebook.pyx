@@ -82,13 +82,17 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
     triples to tri; counts pairs per offset. Returns the number of outputs."""
     cdef int bits = _log2_capacity((b - a) * per_in)
     cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1, q, P = 0
-    cdef int shift = 64 - bits, j, k, p, skip
+    cdef int shift = 64 - bits, j, k, p, skip, sh = -1
     cdef int lo[MAX_DIM]
     cdef int hi[MAX_DIM]
     cdef int cur[MAX_DIM]
     cdef int32_t orow[MAX_DIM + 1]
     cdef int32_t n_out = 0, r, o
     cdef int64_t i
+    if s & (s - 1) == 0:
+        sh = 0
+        while (1 << sh) < s:
+            sh += 1
     for q in range(cap):
         keys[q] = -1
     for q in range(a, b):
@@ -97,8 +101,12 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
         for j in range(d):
             p = coords[i, 1 + j]
             # o*s <= p < o*s + f  <=>  ceil((p - f + 1) / s) <= o <= floor(p / s)
-            lo[j] = 0 if p - f + 1 <= 0 else (p - f + s) // s
-            hi[j] = p // s
+            if sh >= 0:      # s a power of two: shifts, not divisions
+                lo[j] = 0 if p - f + 1 <= 0 else (p - f + s) >> sh
+                hi[j] = p >> sh
+            else:
+                lo[j] = 0 if p - f + 1 <= 0 else (p - f + s) // s
+                hi[j] = p // s
             if hi[j] > out_shape[j] - 1:
                 hi[j] = <int>out_shape[j] - 1
             if lo[j] > hi[j]:
@@ -164,15 +172,28 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     if n == 0:
         return (np.empty((0, 1 + d), np.int32), np.empty(0, np.int32), np.empty(0, np.int32),
                 np.zeros(K + 1, np.int64))
-    # group the rows by sample (stable)
-    batch = np.asarray(coords[:, 0])
-    cdef Py_ssize_t B = int(batch.max()) + 1
-    perm_a = np.argsort(batch, kind="stable").astype(np.int64)
+    # group the rows by sample: a stable counting sort
+    cdef Py_ssize_t B = 0, bb, r0, q
+    with nogil:
+        for q in range(n):
+            if coords[q, 0] >= B:
+                B = coords[q, 0] + 1
+    perm_a = np.empty(n, dtype=np.int64)
     bstart_a = np.zeros(B + 1, dtype=np.int64)
-    np.cumsum(np.bincount(batch, minlength=B), out=bstart_a[1:])
-    cdef const int64_t[::1] perm = perm_a
-    cdef const int64_t[::1] bstart = bstart_a
-    cdef Py_ssize_t biggest = int(np.diff(bstart_a).max()) * per_in
+    cdef int64_t[::1] perm = perm_a
+    cdef int64_t[::1] bstart = bstart_a
+    fill_a = np.empty(B, dtype=np.int64)
+    cdef int64_t[::1] fill = fill_a
+    with nogil:
+        for q in range(n):
+            bstart[coords[q, 0] + 1] += 1
+        for bb in range(B):
+            bstart[bb + 1] += bstart[bb]
+            fill[bb] = bstart[bb]
+        for q in range(n):
+            perm[fill[coords[q, 0]]] = q
+            fill[coords[q, 0]] += 1
+    cdef Py_ssize_t biggest = int(np.diff(bstart_a).max()) * per_in if B else 0
     cdef int cap_bits = _log2_capacity(biggest)
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     tri_a = np.empty((n * per_in, 3), dtype=np.int32)
@@ -184,7 +205,6 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int64_t[:, ::1] count = count_a
     cdef int64_t[::1] nout = nout_a
     cdef Py_ssize_t[::1] npairs = npairs_a.view(np.intp)
-    cdef Py_ssize_t bb, r0
     cdef int64_t* keys
     cdef int32_t* vals
     with nogil, parallel():
@@ -212,7 +232,7 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int32_t[::1] out_idx = out_a
     cdef int64_t[:, ::1] pos = pos_a
     cdef const int64_t[::1] obase = obase_a
-    cdef Py_ssize_t q, t, kk
+    cdef Py_ssize_t t, kk
     with nogil:
         for bb in prange(B, schedule='static'):
             r0 = bstart[bb] * per_in
