@@ -12,7 +12,6 @@ all ones; spatial_size int64 (2,); batch_size int64 (); seed int64 ().
 handwriting_b64_s96.npz here is seed 0, batch 64, size 96, region 64 (11,808 active sites).
 For the GPU figures: batch 100, size 192, region 128 (DeepCNet l=6) and batch 64/100, size 96.
 """
-import argparse
 import numpy as np
 
 _DIRS = np.array([(0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1)])

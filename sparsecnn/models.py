@@ -5,8 +5,21 @@ from typing import Any
 
 import numpy as np
 
-from .nn import (LAYERS, Convolution, Dropout, LeakyReLU, Linear, MaxPooling, Module,
-                 NetworkInNetwork, ReLU, Sequential, _check_dtype, _check_int, _register)
+from .nn import (
+    LAYERS,
+    Convolution,
+    Dropout,
+    LeakyReLU,
+    Linear,
+    MaxPooling,
+    Module,
+    NetworkInNetwork,
+    ReLU,
+    Sequential,
+    _check_dtype,
+    _check_int,
+    _register,
+)
 from .tensor import SparseTensor, Tensor
 
 ACTIVATIONS = {"relu": 0.0, "leaky": 0.01, "vleaky": 1.0 / 3.0}

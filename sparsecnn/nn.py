@@ -129,7 +129,7 @@ class Module:
         d = backend.require_device(device)
         for m in self.modules():
             m._device = d
-            for name, v in vars(m).items():
+            for v in vars(m).values():
                 if isinstance(v, Parameter):
                     v.data = backend.to_device(v.data, d)
                     if v.grad is not None:

@@ -11,8 +11,15 @@ from typing import Any
 import numpy as np
 
 from .autograd import no_grad
-from .nn import (AveragePooling, Convolution, MaxPooling, Module, NetworkInNetwork, Sequential,
-                 SubmanifoldConvolution)
+from .nn import (
+    AveragePooling,
+    Convolution,
+    MaxPooling,
+    Module,
+    NetworkInNetwork,
+    Sequential,
+    SubmanifoldConvolution,
+)
 from .tensor import SparseTensor
 
 
@@ -59,7 +66,8 @@ def short_name(layer: Module) -> str:
     """'Convolution 3/1 1->32', 'MaxPooling 2/2', 'ReLU', ..."""
     name = type(layer).__name__
     if isinstance(layer, Convolution):
-        return f"{name} {layer.filter_size}/{layer.stride} {layer.in_channels}->{layer.out_channels}"
+        return (f"{name} {layer.filter_size}/{layer.stride} "
+                f"{layer.in_channels}->{layer.out_channels}")
     if isinstance(layer, SubmanifoldConvolution):
         return f"{name} {layer.filter_size} {layer.in_channels}->{layer.out_channels}"
     if isinstance(layer, NetworkInNetwork):

@@ -255,8 +255,9 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     getattr(epoch_iter, "close", lambda: None)()
     rows = stats.layer_stats(model, first.to_sparse().to(device))
     sp, de = stats.total_macs(rows)
-    cost = {"macs_per_sample": sp / first.batch_size, "dense_macs_per_sample": de / first.batch_size,
-            "active_sites_per_sample": [r.active_sites / first.batch_size for r in rows]}
+    bs = first.batch_size
+    cost = {"macs_per_sample": sp / bs, "dense_macs_per_sample": de / bs,
+            "active_sites_per_sample": [r.active_sites / bs for r in rows]}
     logf = open(log, "a") if log is not None else None
     try:
         for epoch in range(start, cfg.epochs):

@@ -263,7 +263,7 @@ def submanifold_backward(x, mask, ground, weight, bias, f: int, grad_y):
     """
     x64, g64, w64, b64, gy = _f64(x), _f64(ground), _f64(weight), _f64(bias), _f64(grad_y)
     mask = np.asarray(mask, dtype=bool)
-    d = _check_submanifold(x64, mask, g64, w64, b64, f)
+    _check_submanifold(x64, mask, g64, w64, b64, f)
     expected = (x64.shape[0], w64.shape[2]) + x64.shape[2:]
     if gy.shape != expected:
         raise ValueError(f"grad_y shape {gy.shape} != output shape {expected}")

@@ -8,8 +8,7 @@ import pytest
 
 import sparsecnn as scn
 from tests import dense_reference as ref
-from tests.sparse_helpers import (assert_close, dense_of, np_, random_sparse,
-                                  split_input_grad)
+from tests.sparse_helpers import assert_close, dense_of, np_, random_sparse, split_input_grad
 
 DENSITIES = [0.0, "one", 0.05, 0.3, 1.0]
 

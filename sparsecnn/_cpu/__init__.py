@@ -26,5 +26,10 @@ KERNEL_NAMES = (
     "avgpool_backward",
 )
 
-__all__ = [*KERNEL_NAMES, "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
-           "single_threaded_blas"]
+__all__ = [
+    "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "conv_forward",
+    "conv_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward",
+    "avgpool_backward", "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
+    "single_threaded_blas",
+]
+assert set(KERNEL_NAMES) <= set(__all__)

@@ -87,7 +87,6 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     cdef int K = offsets.shape[0] - 1, k
     cdef Py_ssize_t C = features.shape[1], o, c, q, q0, q1
     cdef int32_t i
-    cdef floating v
     cdef floating neg_inf = -np.inf
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, C), dtype=dtype)
