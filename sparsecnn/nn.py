@@ -217,10 +217,27 @@ class Module:
 
 
 class _ConvBase(Module):
-    def _init_params(self, K: int, cin: int, cout: int, bias: bool, dtype, seed) -> None:
+    """Shared by the two convolutions: checked sizes, He-normal weight, zero bias."""
+
+    def _init_conv(self, in_channels: int, out_channels: int, filter_size: int, dim: int,
+                   bias: bool, dtype: Any, seed: int | None) -> None:
+        self.in_channels = _check_int(in_channels, "in_channels")
+        self.out_channels = _check_int(out_channels, "out_channels")
+        self.filter_size = _check_int(filter_size, "filter_size")
+        self.dim = _check_int(dim, "dim")
+        if self.dim > 4:
+            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
+        dtype = _check_dtype(dtype)
+        K = self.filter_size ** self.dim
         rng = np.random.default_rng(seed)
-        self.weight = Parameter(he_normal(rng, (K, cin, cout), K * cin, dtype=dtype))
-        self.bias = Parameter(np.zeros(cout, dtype=dtype)) if bias else None
+        self.weight = Parameter(he_normal(rng, (K, self.in_channels, self.out_channels),
+                                          K * self.in_channels, dtype=dtype))
+        self.bias = Parameter(np.zeros(self.out_channels, dtype=dtype)) if bias else None
+
+    def _check_dim(self, x: Any) -> None:
+        if isinstance(x, SparseTensor) and x.dim != self.dim:
+            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
+                             f"dimensional")
 
 
 @_register
@@ -236,20 +253,11 @@ class Convolution(_ConvBase):
     def __init__(self, in_channels: int, out_channels: int, filter_size: int, stride: int = 1,
                  *, dim: int = 2, bias: bool = True, dtype: Any = np.float32,
                  seed: int | None = None) -> None:
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.out_channels = _check_int(out_channels, "out_channels")
-        self.filter_size = _check_int(filter_size, "filter_size")
         self.stride = _check_int(stride, "stride")
-        self.dim = _check_int(dim, "dim")
-        if self.dim > 4:
-            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
-        self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
-                          bias, _check_dtype(dtype), seed)
+        self._init_conv(in_channels, out_channels, filter_size, dim, bias, dtype, seed)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        if isinstance(x, SparseTensor) and x.dim != self.dim:
-            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
-                             f"dimensional")
+        self._check_dim(x)
         return F.convolution(x, self.weight, self.bias, self.filter_size, self.stride,
                              ground_state=self.ground_state)
 
@@ -268,22 +276,13 @@ class SubmanifoldConvolution(_ConvBase):
 
     def __init__(self, in_channels: int, out_channels: int, filter_size: int, *, dim: int = 2,
                  bias: bool = True, dtype: Any = np.float32, seed: int | None = None) -> None:
-        self.in_channels = _check_int(in_channels, "in_channels")
-        self.out_channels = _check_int(out_channels, "out_channels")
-        self.filter_size = _check_int(filter_size, "filter_size")
-        if self.filter_size % 2 == 0:
+        if _check_int(filter_size, "filter_size") % 2 == 0:
             raise ValueError(f"filter_size must be odd for a submanifold convolution, got "
                              f"{filter_size}")
-        self.dim = _check_int(dim, "dim")
-        if self.dim > 4:
-            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
-        self._init_params(self.filter_size ** self.dim, self.in_channels, self.out_channels,
-                          bias, _check_dtype(dtype), seed)
+        self._init_conv(in_channels, out_channels, filter_size, dim, bias, dtype, seed)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        if isinstance(x, SparseTensor) and x.dim != self.dim:
-            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
-                             f"dimensional")
+        self._check_dim(x)
         return F.submanifold_convolution(x, self.weight, self.bias, self.filter_size,
                                          ground_state=self.ground_state)
 
