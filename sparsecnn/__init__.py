@@ -30,10 +30,21 @@ from .nn import (  # noqa: E402
 )
 from .tensor import SparseTensor, Tensor  # noqa: E402
 
+_LAZY = ("data", "train", "stats", "io", "backend")
+
+
+def __getattr__(name: str):
+    """Submodules with heavier imports (data, train, ...) load on first use."""
+    if name in _LAZY:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "SparseTensor", "Tensor", "Parameter", "no_grad", "is_grad_enabled",
     "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
     "SparseToDense", "Flatten", "Linear", "cross_entropy", "save", "load",
-    "functional", "models", "optim", "__version__",
+    "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]
