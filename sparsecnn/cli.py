@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sparsecnn.data import num_feature_channels
     cin = num_feature_channels(args.features, args.signature_depth)
     model = arch(args.l, args.k, in_channels=cin, num_classes=train.num_classes,
-                 activation=args.activation, dropout=args.dropout, seed=args.seed)
+                 activation=args.activation, dropout=args.dropout,
+                 channel_dropout=args.channel_dropout, seed=args.seed)
     n_extra = sum(len(v) for v in extra.values())
     print(f"{type(model).__name__}(l={args.l}, k={args.k}), input {model.input_size}x"
           f"{model.input_size}, {sum(p.data.size for p in model.parameters()):,} parameters; "
@@ -284,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--l", type=int, default=4, help="depth l (input 3*2**l)")
     s.add_argument("--k", type=int, default=32, help="width k")
     s.add_argument("--activation", default="vleaky", help="relu, leaky, vleaky (1/3)")
-    s.add_argument("--dropout", type=float, default=0.0)
+    s.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout rate p, growing with depth (p * i / l after layer i)")
+    s.add_argument("--channel-dropout", action="store_true",
+                   help="drop whole channels (one mask per batch) instead of features")
     s.add_argument("--epochs", type=int, default=20)
     s.add_argument("--repeats", type=int, default=8,
                    help="augmented copies of each training drawing per epoch")

@@ -249,11 +249,12 @@ def relu(x: SparseTensor) -> SparseTensor:
 
 
 def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
-            channelwise: bool = False) -> SparseTensor:
+            channelwise: bool = False, batchwise: bool = False) -> SparseTensor:
     """Inverted dropout on the active sites' features (training mode).
 
-    Each feature (or, with ``channelwise``, each channel of each sample) is zeroed with
-    probability p and the rest scaled by 1/(1-p). The ground keeps its expected value, so this
+    Each feature is zeroed with probability p and the rest scaled by 1/(1-p); with
+    ``channelwise`` whole channels of a sample are dropped, and with ``batchwise`` too whole
+    channels, with one mask for the whole batch. The ground keeps its expected value, so this
     is the one op where the sparse network differs from a dense one with the same masks.
     """
     _check_sparse(x, "Dropout")
@@ -261,7 +262,9 @@ def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
         return x
     xp = backend.xp(x.device)
     keep = 1.0 - p
-    if channelwise:
+    if batchwise:
+        m = np.broadcast_to(rng.random((1, x.channels)) < keep, x.features.shape)
+    elif channelwise:
         bm = rng.random((x.batch_size, x.channels)) < keep
         batch = backend.to_device(x.coords[:, 0], "cpu") if x.n_active else np.zeros(0, int)
         m = bm[batch]

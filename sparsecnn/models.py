@@ -44,8 +44,9 @@ class _DeepNet(Module):
     nin = False
 
     def __init__(self, l: int, k: int, *, in_channels: int = 1, num_classes: int = 10,
-                 activation: str | float = "relu", dropout: float = 0.0, dim: int = 2,
-                 dtype: Any = np.float32, seed: int | None = 0) -> None:
+                 activation: str | float = "relu", dropout: float = 0.0,
+                 channel_dropout: bool = False, dim: int = 2, dtype: Any = np.float32,
+                 seed: int | None = 0) -> None:
         self.l = _check_int(l, "l")
         self.k = _check_int(k, "k")
         self.in_channels = _check_int(in_channels, "in_channels")
@@ -55,6 +56,7 @@ class _DeepNet(Module):
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
+        self.channel_dropout = bool(channel_dropout)
         self.dim = _check_int(dim, "dim")
         dtype = _check_dtype(dtype)
         rng = np.random.default_rng(seed)
@@ -70,7 +72,8 @@ class _DeepNet(Module):
             layers += [conv, self._act()]
             p = self.dropout * i / self.l
             if p > 0:
-                layers.append(Dropout(p, seed=int(next(seeds))))
+                layers.append(Dropout(p, batchwise=self.channel_dropout,
+                                      seed=int(next(seeds))))
             if i < self.l:
                 layers.append(MaxPooling(2, 2, dim=self.dim))
             if self.nin:
@@ -107,7 +110,7 @@ class _DeepNet(Module):
     def _spec_args(self) -> dict[str, Any]:
         return dict(l=self.l, k=self.k, in_channels=self.in_channels,
                     num_classes=self.num_classes, activation=self.activation,
-                    dropout=self.dropout, dim=self.dim)
+                    dropout=self.dropout, channel_dropout=self.channel_dropout, dim=self.dim)
 
 
 @_register
@@ -123,6 +126,8 @@ class DeepCNet(_DeepNet):
     activation : 'relu', 'leaky' (0.01), 'vleaky' (1/3) or a float slope
     dropout : float
         Dropout rate p * i / l after the activation of convolution i (i = 0..l).
+    channel_dropout : bool
+        Drop whole channels (one mask per batch) instead of single features.
     dim : int
         Spatial dimensions (2 for handwriting).
     seed : int or None

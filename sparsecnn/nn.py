@@ -373,24 +373,27 @@ class Dropout(Module):
 
     The ground state keeps its expected value, so in training mode this is the one layer
     where the sparse network is not the dense network (which would drop inactive sites too).
-    ``channelwise=True`` drops whole channels per sample (batch-wise channel dropout).
+    ``channelwise=True`` drops whole channels per sample; ``batchwise=True`` drops whole
+    channels for the whole batch (batch-wise channel dropout).
     """
 
-    def __init__(self, p: float = 0.5, *, channelwise: bool = False,
+    def __init__(self, p: float = 0.5, *, channelwise: bool = False, batchwise: bool = False,
                  seed: int | None = None) -> None:
         if not isinstance(p, (int, float)) or not 0 <= p < 1:
             raise ValueError(f"p must be a probability in [0, 1), got {p!r}")
         self.p = float(p)
         self.channelwise = bool(channelwise)
+        self.batchwise = bool(batchwise)
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if not self.training or self.p == 0:
             return x
-        return F.dropout(x, self.p, self.rng, channelwise=self.channelwise)
+        return F.dropout(x, self.p, self.rng, channelwise=self.channelwise,
+                         batchwise=self.batchwise)
 
     def _spec_args(self) -> dict[str, Any]:
-        return dict(p=self.p, channelwise=self.channelwise)
+        return dict(p=self.p, channelwise=self.channelwise, batchwise=self.batchwise)
 
 
 @_register

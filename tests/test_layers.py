@@ -207,6 +207,11 @@ def test_dropout(rng):
     for s in range(2):
         zero = yf[b == s] == 0
         assert (zero.all(axis=0) | (~zero).all(axis=0)).all()
+    # batch-wise: a channel is dropped for every site of every sample, or for none
+    y = scn.Dropout(0.5, batchwise=True, seed=1)(x)
+    zero = np_(y.features) == 0
+    assert (zero.all(axis=0) | (~zero).all(axis=0)).all()
+    assert zero.all(axis=0).any() and (~zero).all(axis=0).any()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

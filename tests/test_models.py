@@ -71,6 +71,8 @@ def test_dropout_layers_grow_with_depth():
     m = scn.models.DeepCNet(4, 2, dropout=0.4)
     rates = [layer.p for layer in m.features if isinstance(layer, scn.Dropout)]
     np.testing.assert_allclose(rates, [0.1, 0.2, 0.3, 0.4])
+    m2 = scn.models.DeepCNet(4, 2, dropout=0.4, channel_dropout=True)
+    assert all(d.batchwise for d in m2.modules() if isinstance(d, scn.Dropout))
     m.eval()
     assert all(not layer.training for layer in m.modules())
 
