@@ -91,6 +91,9 @@ def _load_data(args: argparse.Namespace):
         train = data.synthetic_strokes(args.classes, 20, seed=0)
         return train, data.synthetic_strokes(args.classes, 10, seed=1), {}
     ds = data.load_strokes(args.data)
+    # users' strokes come in any units: map every sample into the unit box
+    ds = data.StrokeDataset([data.normalize(s) for s in ds.samples], ds.labels,
+                            ds.class_names)
     train, test = ds.split(0.8, seed=args.seed)
     return train, test, {}
 

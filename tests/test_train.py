@@ -136,3 +136,16 @@ def test_cli_show(tmp_path):
     png = tmp_path / "show.png"
     assert main(["show", "--l", "3", "--k", "4", "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_trains_on_a_user_jsonl_file_in_pixel_units(tmp_path, capsys):
+    """Raw pixel coordinates are normalised, so a model learns from a user's file."""
+    ds = data.synthetic_strokes(3, 12, seed=2)
+    lines = [json.dumps({"label": int(lab), "strokes": [(s * 500 + 100).tolist() for s in smp]})
+             for smp, lab in zip(ds.samples, ds.labels)]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("\n".join(lines))
+    out = tmp_path / "m.npz"
+    assert main(["train", "--data", str(f), "--l", "3", "--k", "8", "--epochs", "3",
+                 "--repeats", "2", "--quiet", "--out", str(out), "--batch-size", "8"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
