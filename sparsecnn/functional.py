@@ -74,15 +74,17 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
 
     def backward(grad):
         gy, gg = grad
-        gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets)
+        need_x = x.requires_grad
+        gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
+                                 grad_input=need_x)
+        G = gg + gy.sum(axis=0) if ground_state else gy.sum(axis=0)   # d/d g_out, or d/d b
         if ground_state:
-            G = gg + gy.sum(axis=0)                 # d/d g_out, all outputs together
             gW = gW + g_in[None, :, None] * G[None, None, :]
-            g_gin = W.sum(axis=0) @ G - gx.sum(axis=0)
-        else:
-            G = gy.sum(axis=0)
-            g_gin = xp.zeros_like(x.ground)
-        return (gx, g_gin), gW, G if bias is not None else None
+        grad_x = None
+        if need_x:
+            g_gin = W.sum(axis=0) @ G - gx.sum(axis=0) if ground_state else xp.zeros_like(g_in)
+            grad_x = (gx, g_gin)
+        return grad_x, gW, G if bias is not None else None
 
     return record(out, [x, weight, bias], backward, name)
 

@@ -180,6 +180,10 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
     scale = np.sqrt(max(np.diff(offsets).max(), 1)) if dtype == np.float32 else 1.0
     np.testing.assert_allclose(gw, rgw, rtol=TOL[dtype]["rtol"] * scale,
                                atol=TOL[dtype]["atol"] * scale)
+    # without the input gradient: no grad_features, the same weight gradient bit for bit
+    none, gw2 = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
+    assert none is None
+    np.testing.assert_array_equal(gw2, gw)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -135,7 +135,7 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
 cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
                      const floating* gy, const int32_t* in_idx, const int32_t* out_idx,
                      Py_ssize_t r, int cin, int cout, floating* xbuf, floating* gbuf,
-                     floating* dxbuf, floating* gx, floating* dw) noexcept nogil:
+                     floating* dxbuf, floating* gx, floating* dw, bint want_gx) noexcept nogil:
     """gx[in_idx[t]] += w gy[out_idx[t]];  dw = sum_t (x[in_idx[t]] - g) gy[out_idx[t]]^T."""
     cdef Py_ssize_t t, ci, co
     cdef const floating* xr
@@ -155,7 +155,8 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
                 for co in range(cout):
                     acc = acc + w[ci * cout + co] * gr[co]
                     dw[ci * cout + co] += v * gr[co]
-                dr[ci] += acc
+                if want_gx:
+                    dr[ci] += acc
         return
     for t in range(r):
         xr = x + <Py_ssize_t>in_idx[t] * cin
@@ -164,8 +165,10 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
             xbuf[t * cin + ci] = xr[ci] - g[ci]
         for co in range(cout):
             gbuf[t * cout + co] = gr[co]
-    _gemm_nt(<int>r, cin, cout, gbuf, w, <floating>0, dxbuf)    # (r, cin) = gy_r @ w^T
     _gemm_tn(cin, cout, <int>r, xbuf, gbuf, <floating>0, dw)     # (cin, cout) = x_r^T @ gy_r
+    if not want_gx:
+        return
+    _gemm_nt(<int>r, cin, cout, gbuf, w, <floating>0, dxbuf)    # (r, cin) = gy_r @ w^T
     for t in range(r):
         dr = gx + <Py_ssize_t>in_idx[t] * cin
         for ci in range(cin):
@@ -175,20 +178,21 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
 def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
                   const floating[::1] ground, const floating[:, ::1] grad_out,
                   const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                  const int64_t[::1] offsets):
+                  const int64_t[::1] offsets, *, bint grad_input=True):
     """Gradients of conv_forward's pair sum.
 
     grad_features[i] = sum over pairs (i, o, k) of weight[k] grad_out[o]
     grad_weight[k] = sum over pairs (i, o) of offset k of (features[i] - ground) grad_out[o]^T
     features : (n_in, C_in); weight : (K, C_in, C_out); ground : (C_in,)   # IN
     grad_out : (n_out, C_out)                                              # IN
-    Returns grad_features (n_in, C_in), grad_weight (K, C_in, C_out).
+    Returns grad_features (n_in, C_in) (None with grad_input=False: the input needs no
+    gradient, and its GEMM and scatter are skipped), grad_weight (K, C_in, C_out).
     (The bias/ground terms of the layer are plain sums, left to the caller.)
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
     cdef Py_ssize_t n_in = features.shape[0]
     dtype = np.float32 if floating is float else np.float64
-    gx_a = np.zeros((n_in, cin), dtype=dtype)
+    gx_a = np.zeros((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
     m_a = np.diff(np.asarray(offsets))
     rows_a = np.maximum(BWD_MIN_CHUNK, -(-m_a // BWD_MAX_CHUNKS)).astype(np.int64)
@@ -217,7 +221,8 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
                     a = offsets[k] + c * rows[k]
                     _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
                                &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
-                               cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0])
+                               cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0],
+                               grad_input)
             free(xbuf)
             free(gbuf)
             free(dxbuf)
@@ -225,4 +230,4 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     for k in range(K):      # chunk partials summed in a fixed order
         if base_a[k + 1] > base_a[k]:
             part_a[base_a[k]:base_a[k + 1]].sum(axis=0, out=gw_a[k])
-    return gx_a, gw_a
+    return (gx_a if grad_input else None), gw_a
