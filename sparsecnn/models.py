@@ -69,13 +69,17 @@ class _DeepNet(Module):
             conv = Convolution(cin, cout, 3 if i == 0 else 2, dim=self.dim, dtype=dtype,
                                seed=int(next(seeds)))
             conv.weight.data *= np.asarray(gain, dtype=conv.weight.dtype)
-            layers += [conv, self._act()]
+            # the activation is monotone, so it commutes with max-pooling (the ground state
+            # included): applying it after the pool gives the paper's network exactly, on a
+            # quarter of the sites
+            layers.append(conv)
+            if i < self.l:
+                layers.append(MaxPooling(2, 2, dim=self.dim))
+            layers.append(self._act())
             p = self.dropout * i / self.l
             if p > 0:
                 layers.append(Dropout(p, batchwise=self.channel_dropout,
                                       seed=int(next(seeds))))
-            if i < self.l:
-                layers.append(MaxPooling(2, 2, dim=self.dim))
             if self.nin:
                 nin = NetworkInNetwork(cout, cout, dtype=dtype, seed=int(next(seeds)))
                 nin.weight.data *= np.asarray(gain, dtype=nin.weight.dtype)
@@ -119,13 +123,17 @@ class DeepCNet(_DeepNet):
     2x2), a 2x2/2 max-pool between consecutive convolutions, the activation after every
     convolution, then a linear classifier on the 1x1 output. Input size 3 * 2**l.
 
+    ``features`` holds conv, pool, activation, ... : the activation is applied after the
+    pool, which gives the same network (activation and max commute) on fewer sites.
+
     Parameters
     ----------
     l, k : int
     in_channels, num_classes : int
     activation : 'relu', 'leaky' (0.01), 'vleaky' (1/3) or a float slope
     dropout : float
-        Dropout rate p * i / l after the activation of convolution i (i = 0..l).
+        Dropout rate p * i / l on the input of convolution i + 1 (after the activation of
+        convolution i, i = 1..l; the last one feeds the classifier).
     channel_dropout : bool
         Drop whole channels (one mask per batch) instead of single features.
     dim : int
