@@ -106,13 +106,18 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, cout), dtype=dtype)
-    out_a[...] = np.asarray(bias)
-    if n_out == 0 or in_idx.shape[0] == 0:
-        return out_a
     cdef floating[:, ::1] out = out_a
-    cdef Py_ssize_t c, a, m, nch
+    cdef Py_ssize_t c, a, m, nch, o, co
     cdef floating* gbuf
     cdef floating* ybuf
+    if n_out == 0:
+        return out_a
+    with nogil:
+        for o in prange(n_out, schedule='static'):   # every output starts from bias
+            for co in range(cout):
+                out[o, co] = bias[co]
+    if in_idx.shape[0] == 0:
+        return out_a
     if cin < SMALL_CIN:
         _small_cin_forward(features, weight, ground, in_idx, out_idx, offsets, out)
         return out_a
@@ -192,20 +197,24 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
     cdef Py_ssize_t n_in = features.shape[0]
     dtype = np.float32 if floating is float else np.float64
-    gx_a = np.zeros((n_in if grad_input else 1, cin), dtype=dtype)
+    gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
     m_a = np.diff(np.asarray(offsets))
     rows_a = np.maximum(BWD_MIN_CHUNK, -(-m_a // BWD_MAX_CHUNKS)).astype(np.int64)
     nch_a = -(-m_a // rows_a)
     base_a = np.zeros(K + 1, dtype=np.int64)
     np.cumsum(nch_a, out=base_a[1:])
-    cdef Py_ssize_t total = base_a[K], maxrows = int(rows_a.max()) if K else 1
+    cdef Py_ssize_t total = base_a[K], maxrows = int(rows_a.max()) if K else 1, i, ci
     part_a = np.empty((max(total, 1), cin, cout), dtype=dtype)
     cdef const int64_t[::1] rows = rows_a
     cdef const int64_t[::1] nch = nch_a
     cdef const int64_t[::1] base = base_a
     cdef floating[:, ::1] gx = gx_a
     cdef floating[:, :, ::1] part = part_a
+    with nogil:
+        for i in prange(gx.shape[0], schedule='static'):   # zero (and first-touch) in parallel
+            for ci in range(cin):
+                gx[i, ci] = 0
     cdef Py_ssize_t c, a, nk
     cdef floating* xbuf
     cdef floating* gbuf

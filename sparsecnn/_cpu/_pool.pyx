@@ -145,10 +145,14 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
     cdef Py_ssize_t nch = (n_out + POOL_CHUNK - 1) // POOL_CHUNK
     cdef int32_t i, a
     dtype = np.float32 if floating is float else np.float64
-    gx_a = np.zeros((n_in, C), dtype=dtype)
+    gx_a = np.empty((n_in, C), dtype=dtype)
     part_a = np.zeros((max(nch, 1), C), dtype=dtype)
     cdef floating[:, ::1] gx = gx_a
     cdef floating[:, ::1] part = part_a
+    with nogil:
+        for q in prange(n_in, schedule='static'):   # zero (and first-touch) in parallel
+            for c in range(C):
+                gx[q, c] = 0
     if n_out == 0:
         return gx_a, part_a.sum(axis=0)
     with nogil:
