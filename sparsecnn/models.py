@@ -1,12 +1,16 @@
-"""The paper's networks: DeepCNet(l, k) and DeepCNiN(l, k) (Graham 2014, section 3)."""
+"""The paper's networks: DeepCNet(l, k) and DeepCNiN(l, k) (Graham 2014, section 3), and
+``from_spec``, a builder of sparse Sequentials from a compact string."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 from .nn import (
     LAYERS,
+    AveragePooling,
+    BatchNorm,
     Convolution,
     Dropout,
     LeakyReLU,
@@ -16,6 +20,7 @@ from .nn import (
     NetworkInNetwork,
     ReLU,
     Sequential,
+    SubmanifoldConvolution,
     _check_dtype,
     _check_int,
     _register,
@@ -151,5 +156,72 @@ class DeepCNiN(_DeepNet):
     nin = True
 
 
+
+
 MODELS = {"DeepCNet": DeepCNet, "DeepCNiN": DeepCNiN}
 assert all(name in LAYERS for name in MODELS)
+
+
+def from_spec(spec: str, in_channels: int = 1, *, dim: int = 2, dtype: Any = np.float32,
+              seed: int | None = 0) -> Sequential:
+    """Build a Sequential of sparse layers from a compact string of tokens.
+
+    Tokens, separated by spaces (``in_channels`` flows from layer to layer)::
+
+        C{f}-{out}, C{f}/{s}-{out}   Convolution (filter f, stride s, out channels)
+        S{f}-{out}                   SubmanifoldConvolution (odd f)
+        N-{out}                      NetworkInNetwork
+        P{f}, P{f}/{s}               MaxPooling;  A{f}, A{f}/{s}: AveragePooling
+        R                            ReLU;  L, L{slope}: LeakyReLU (default 1/3, 'very leaky')
+        B                            BatchNorm;  D{p}: Dropout(p)
+
+    >>> from_spec("C3-32 R P2 C2-64 R P2 C2-96 R").input_size(1)
+    12
+    """
+    if not isinstance(spec, str) or not spec.split():
+        raise ValueError(f"spec must be a non-empty string of layer tokens, got {spec!r}; "
+                         f"see help(sparsecnn.models.from_spec)")
+
+    rng = np.random.default_rng(seed)
+    layers: list[Module] = []
+    cin = _check_int(in_channels, "in_channels")
+    for tok in spec.split():
+        seed_i = int(rng.integers(0, 2**63 - 1))
+        m = re.fullmatch(r"([CSPA])(\d+)(?:/(\d+))?(?:-(\d+))?|N-(\d+)|R|L([\d.]*)|B|D([\d.]+)",
+                         tok)
+        if m is None:
+            raise ValueError(f"cannot read layer token {tok!r} in spec {spec!r}; see "
+                             f"help(sparsecnn.models.from_spec)")
+        kind = tok[0]
+        f = int(m.group(2)) if m.group(2) else None
+        s = int(m.group(3)) if m.group(3) else None
+        out = int(m.group(4)) if m.group(4) else None
+        if kind in "CS" and out is None:
+            raise ValueError(f"token {tok!r} needs output channels: {kind}{f}-OUT")
+        if kind in "PA" and out is not None:
+            raise ValueError(f"token {tok!r}: pooling keeps the channel count; drop '-{out}'")
+        if kind == "C":
+            layers.append(Convolution(cin, out, f, s or 1, dim=dim, dtype=dtype, seed=seed_i))
+            cin = out
+        elif kind == "S":
+            if s is not None:
+                raise ValueError(f"token {tok!r}: a submanifold convolution has no stride")
+            layers.append(SubmanifoldConvolution(cin, out, f, dim=dim, dtype=dtype, seed=seed_i))
+            cin = out
+        elif kind == "P":
+            layers.append(MaxPooling(f, s, dim=dim))
+        elif kind == "A":
+            layers.append(AveragePooling(f, s, dim=dim))
+        elif kind == "N":
+            out = int(m.group(5))
+            layers.append(NetworkInNetwork(cin, out, dtype=dtype, seed=seed_i))
+            cin = out
+        elif kind == "R":
+            layers.append(ReLU())
+        elif kind == "L":
+            layers.append(LeakyReLU(float(m.group(6)) if m.group(6) else 1.0 / 3.0))
+        elif kind == "B":
+            layers.append(BatchNorm(cin, dtype=dtype))
+        else:
+            layers.append(Dropout(float(m.group(7)), seed=seed_i))
+    return Sequential(*layers)

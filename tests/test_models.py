@@ -105,3 +105,29 @@ def test_rulebooks_are_reused(rng):
     for gg, b in zip(geoms, before):
         assert gg._cache.keys() == b.keys()
         assert all(gg._cache[k] is b[k] for k in b)
+
+
+def test_from_spec_builds_the_layers_and_matches_dense(rng):
+    net = scn.models.from_spec("C3-4 L P2 C2/2-6 R N-5 B S3-3 A1 D0.1", in_channels=2,
+                               dtype=np.float64)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds == ["Convolution", "LeakyReLU", "MaxPooling", "Convolution", "ReLU",
+                     "NetworkInNetwork", "BatchNorm", "SubmanifoldConvolution",
+                     "AveragePooling", "Dropout"]
+    assert net[3].stride == 2 and net[1].negative_slope == pytest.approx(1 / 3)
+    assert net[-3].in_channels == 5 and net[-3].out_channels == 3
+    same = scn.models.from_spec("C3-32 R P2 C2-64 R P2 C2-96 R")
+    assert same.input_size(1) == 12
+    x = random_sparse(rng, 2, (12, 12), 1, 0.2, np.float32, ground=False)
+    net2 = scn.models.from_spec("C3-3 R P2 C2-4 R")
+    xd, _ = dense_of(x)
+    ps = [p.data for p in net2.parameters()]
+    expected = ref.sequential_forward(xd, [("conv", 3, 1), ("act", 0.0), ("maxpool", 2, 2),
+                                           ("conv", 2, 1), ("act", 0.0)], ps)
+    assert_close(net2(x).to_dense().numpy(), expected, np.float32)
+
+
+@pytest.mark.parametrize("bad", ["", "C3", "X3-4", "P2-4", "S3/2-4", "C3-4 Q"])
+def test_from_spec_errors(bad):
+    with pytest.raises(ValueError, match="spec|token"):
+        scn.models.from_spec(bad)
