@@ -335,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from sparsecnn.backend import GPUUnavailableError
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, GPUUnavailableError, FloatingPointError) as e:
+        # what a user can act on (missing data or file, no GPU, diverged): one line, no trace
+        print(f"sparsecnn {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,3 +149,12 @@ def test_cli_trains_on_a_user_jsonl_file_in_pixel_units(tmp_path, capsys):
     assert main(["train", "--data", str(f), "--l", "3", "--k", "8", "--epochs", "3",
                  "--repeats", "2", "--quiet", "--out", str(out), "--batch-size", "8"]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--device", "cuda", "--data", "synthetic", "--classes", "2",
+                 "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsecnn train: GPU backend not available") and "pip install" in err
+    assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
+    assert "missing.npz" in capsys.readouterr().err
