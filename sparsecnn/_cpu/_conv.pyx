@@ -127,7 +127,7 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
         for k in range(K):
             m = offsets[k + 1] - offsets[k]
             nch = (m + FWD_CHUNK - 1) // FWD_CHUNK
-            for c in prange(nch, schedule='static'):
+            for c in prange(nch, schedule='dynamic'):
                 a = offsets[k] + c * FWD_CHUNK
                 _fwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &in_idx[a],
                            &out_idx[a], min(FWD_CHUNK, offsets[k + 1] - a), cin, cout,
@@ -226,7 +226,7 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
             dxbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
             for k in range(K):
                 nk = nch[k]
-                for c in prange(nk, schedule='static'):
+                for c in prange(nk, schedule='dynamic'):
                     a = offsets[k] + c * rows[k]
                     _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
                                &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
