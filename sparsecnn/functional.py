@@ -241,11 +241,12 @@ def relu(x: SparseTensor) -> SparseTensor:
     """``max(x, 0)`` on the features and on the ground."""
     _check_sparse(x, "ReLU")
     xp = backend.xp(x.device)
-    out = SparseTensor._make(x.geometry, xp.maximum(x.features, 0), xp.maximum(x.ground, 0))
+    y, yg = xp.maximum(x.features, 0), xp.maximum(x.ground, 0)
+    out = SparseTensor._make(x.geometry, y, yg)
 
-    def backward(grad):
+    def backward(grad):   # holds the arrays, not `out`: no reference cycle through the node
         gy, gg = grad
-        return ((gy * (out.features > 0), gg * (out.ground > 0)),)
+        return ((gy * (y > 0), gg * (yg > 0)),)
 
     return record(out, [x], backward, "relu")
 
