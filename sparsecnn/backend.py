@@ -49,10 +49,23 @@ def require_device(device: str | None) -> str:
     return d
 
 
+_cpu_ready = False
+
+
+def _prepare_cpu() -> None:
+    """Once, on first use of the CPU kernels: keep freed memory for the next step."""
+    global _cpu_ready
+    from ._cpu._memory import tune_malloc
+    tune_malloc()
+    _cpu_ready = True
+
+
 def kernels(device: str) -> ModuleType:
     """Kernel module for ``device``: ``sparsecnn._cpu`` or ``sparsecnn._gpu``."""
     if device == "cpu":
         from . import _cpu
+        if not _cpu_ready:
+            _prepare_cpu()
         return _cpu
     require_device(device)
     from . import _gpu  # pragma: no cover - needs a GPU

@@ -32,6 +32,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"BLAS       {b.get('internal_api')} {b.get('version')} "
               f"({b.get('threading_layer')}, {b.get('num_threads')} threads, "
               f"{b.get('architecture')}) {Path(b.get('filepath', '')).name}")
+    from sparsecnn._cpu._memory import malloc_tuning_status, tune_malloc
+    tune_malloc()
+    active, how = malloc_tuning_status()
+    print(f"malloc     {'tuned: ' if active else 'not tuned: '}{how}")
     ok, why = backend.gpu_status()
     print(f"GPU        {'available' if ok else 'not available: ' + why}")
     return 0
