@@ -120,3 +120,9 @@ def pytest_terminal_summary(terminalreporter):
     if rb and step:
         tr.write_line(f"  {'rulebook building as a share of a training step':<60} "
                       f"{100 * rb / step:6.1f}%")
+
+
+def pytest_collection_modifyitems(items):
+    """Dense NumPy baselines last: their multi-hundred-MB temporaries leave the allocator in a
+    state that slows whatever runs after them in the same process."""
+    items.sort(key=lambda item: "dense_numpy" in item.nodeid)
