@@ -156,11 +156,12 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
             dr = gx + <Py_ssize_t>in_idx[t] * cin
             for ci in range(cin):
                 v = xr[ci] - g[ci]
-                acc = 0
-                for co in range(cout):
-                    acc = acc + w[ci * cout + co] * gr[co]
+                for co in range(cout):      # separate loops: this one vectorises
                     dw[ci * cout + co] += v * gr[co]
                 if want_gx:
+                    acc = 0
+                    for co in range(cout):
+                        acc = acc + w[ci * cout + co] * gr[co]
                     dr[ci] += acc
         return
     for t in range(r):
