@@ -19,14 +19,12 @@ cdef enum:
     CHUNK = 1024
 
 
-def _capacity(Py_ssize_t n):
-    """Power-of-two table size with load factor <= 1/2 (at least 16) and its hash shift."""
-    cdef Py_ssize_t cap = 16
+cdef inline int _log2_capacity(Py_ssize_t n) noexcept nogil:
+    """log2 of the power-of-two table size for n keys at load <= 1/2 (at least 16 slots)."""
     cdef int bits = 4
-    while cap < 2 * n:
-        cap *= 2
+    while (<Py_ssize_t>1 << bits) < 2 * n:
         bits += 1
-    return cap, 64 - bits
+    return bits
 
 
 def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
@@ -39,9 +37,9 @@ def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
     """
     cdef Py_ssize_t n = coords.shape[0], i
     cdef int d = coords.shape[1] - 1
-    cap, shift_ = _capacity(n)
-    cdef int shift = shift_
-    cdef Py_ssize_t mask = cap - 1
+    cdef int bits = _log2_capacity(n)
+    cdef int shift = 64 - bits
+    cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1
     keys_a = np.full(cap, -1, dtype=np.int64)
     vals_a = np.empty(cap, dtype=np.int32)
     inv_a = np.empty(n, dtype=np.int32)
@@ -61,14 +59,6 @@ def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
             else:
                 inv[i] = r
     return keys_a, vals_a, inv_a, int(n_unique)
-
-
-cdef inline int _log2_capacity(Py_ssize_t n) noexcept nogil:
-    """log2 of the power-of-two table size for n keys at load <= 1/2 (at least 16 slots)."""
-    cdef int bits = 4
-    while (<Py_ssize_t>1 << bits) < 2 * n:
-        bits += 1
-    return bits
 
 
 cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
