@@ -346,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # what a user can act on (missing data or file, no GPU, diverged): one line, no trace
         print(f"sparsecnn {args.command}: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:   # output piped into `head` & co.: stop quietly
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
