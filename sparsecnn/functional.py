@@ -48,8 +48,19 @@ def _check_channels(x: SparseTensor, cin: int, what: str) -> None:
         raise ValueError(f"{what} expects {cin} input channels, but the input has {x.channels}")
 
 
-def _grad_or_zero(g, like):
-    return g if g is not None else like * 0
+def colsum(a: Any, block: int = 64) -> Any:
+    """Column sums of a (n, C) array: sum over ``block``-row slabs first, then the partials.
+
+    Several times faster than ``a.sum(axis=0)`` (which walks a C-contiguous array one short
+    row at a time) and more accurate (blocked summation); the order is fixed, so results are
+    deterministic. Works for numpy and cupy arrays.
+    """
+    n, c = a.shape
+    m = (n // block) * block
+    if m == 0 or c == 1:      # one column: numpy already sums it contiguously, pairwise
+        return a.sum(axis=0)
+    head = a[:m].reshape(n // block, block * c).sum(axis=0).reshape(block, c).sum(axis=0)
+    return head + a[m:].sum(axis=0) if m < n else head
 
 
 # -- convolutions ---------------------------------------------------------------------------
@@ -77,12 +88,12 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
         need_x = x.requires_grad
         gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
                                  grad_input=need_x)
-        G = gg + gy.sum(axis=0) if ground_state else gy.sum(axis=0)   # d/d g_out, or d/d b
+        G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
         if ground_state:
             gW = gW + g_in[None, :, None] * G[None, None, :]
         grad_x = None
         if need_x:
-            g_gin = W.sum(axis=0) @ G - gx.sum(axis=0) if ground_state else xp.zeros_like(g_in)
+            g_gin = W.sum(axis=0) @ G - colsum(gx) if ground_state else xp.zeros_like(g_in)
             grad_x = (gx, g_gin)
         return grad_x, gW, G if bias is not None else None
 
@@ -203,7 +214,7 @@ def network_in_network(x: SparseTensor, weight: Parameter, bias: Parameter | Non
         gy, gg = grad
         gx = gy @ W.T
         gW = x.features.T @ gy
-        gb = gy.sum(axis=0)
+        gb = colsum(gy)
         if ground_state:
             gW = gW + xp.outer(x.ground, gg)
             gb = gb + gg
@@ -297,8 +308,8 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
     if training:
         if n == 0:
             raise ValueError("BatchNorm in training mode needs at least one active site")
-        mean = x.features.mean(axis=0)
-        var = x.features.var(axis=0)
+        mean = colsum(x.features) / n
+        var = colsum((x.features - mean) ** 2) / n
         unbiased = var * (n / (n - 1)) if n > 1 else var
         running_mean *= 1 - momentum
         running_mean += momentum * mean
@@ -317,12 +328,13 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
         gy, gg = grad
         if not ground_state:
             gg = xp.zeros_like(gg)
-        g_gamma = (gy * xh).sum(axis=0) + gg * gh
-        g_beta = gy.sum(axis=0) + gg
+        gy_sum, gyxh_sum = colsum(gy), colsum(gy * xh)
+        g_gamma = gyxh_sum + gg * gh
+        g_beta = gy_sum + gg
         if training:
             # the ground is an extra output that uses the statistics but is not part of them
-            s1 = (gy.sum(axis=0) + gg) / n
-            s2 = ((gy * xh).sum(axis=0) + gg * gh) / n
+            s1 = (gy_sum + gg) / n
+            s2 = (gyxh_sum + gg * gh) / n
             gx = gamma.data * inv * (gy - s1 - xh * s2)
         else:
             gx = gamma.data * inv * gy
@@ -348,7 +360,7 @@ def to_dense(x: SparseTensor) -> Tensor:
     def backward(g):
         gl = xp.moveaxis(g, 1, -1)
         gf = gl[idx] if x.n_active else xp.zeros((0, x.channels), x.dtype)
-        gg = gl.reshape(-1, x.channels).sum(axis=0) - gf.sum(axis=0)
+        gg = colsum(gl.reshape(-1, x.channels)) - colsum(gf)
         return ((xp.ascontiguousarray(gf), gg),)
 
     return record(out, [x], backward, "to_dense")

@@ -250,3 +250,17 @@ def test_ground_state_false_gives_modern_semantics(rng):
     b = conv(x)
     np.testing.assert_allclose(np_(b.features), np_(a.features))   # input ground is 0 here
     np.testing.assert_array_equal(np_(b.ground), 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 65, 1000, 44000])
+@pytest.mark.parametrize("c", [1, 3, 32])
+def test_colsum_blocked(n, c, rng):
+    from sparsecnn.functional import colsum
+    a = rng.standard_normal((n, c)).astype(np.float32)
+    exact = a.astype(np.float64).sum(axis=0)
+    got = colsum(a)
+    assert got.shape == (c,) and got.dtype == np.float32
+    # within the worst-case rounding bound of any summation order: (n - 1) eps sum|a|
+    bound = max(n - 1, 1) * np.finfo(np.float32).eps * np.abs(a).astype(np.float64).sum(axis=0)
+    assert (np.abs(got - exact) <= bound + 1e-30).all()
+    np.testing.assert_array_equal(colsum(a), got)     # deterministic
