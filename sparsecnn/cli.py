@@ -26,7 +26,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"sparsecnn {sparsecnn.__version__}")
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"numpy      {np.__version__}   scipy {scipy.__version__}")
-    omp = f"yes, {_cpu.max_threads()} threads" if _cpu.USE_OPENMP else "no (single-threaded)"
+    import os
+    omp = (f"yes, {_cpu.max_threads()} threads, GOMP_SPINCOUNT="
+           f"{os.environ.get('GOMP_SPINCOUNT', 'default')}" if _cpu.USE_OPENMP
+           else "no (single-threaded)")
     print(f"OpenMP     {omp}")
     for b in _cpu.blas_info():
         print(f"BLAS       {b.get('internal_api')} {b.get('version')} "
