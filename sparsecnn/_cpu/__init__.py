@@ -9,7 +9,7 @@ import os as _os
 # Idle OpenMP threads spin for a short while only (libgomp reads this when it loads, so it is
 # set before the kernels are imported, and only if the user has not chosen a value). Training
 # renders batches in a background thread: with long spins the kernels' idle threads compete
-# with it, and with other processes; measured +30-40% training throughput on 2 cores.
+# with it, and with other processes; measured +15-20% training throughput on 2 cores.
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from ._conv import conv_backward as _conv_backward  # noqa: E402
