@@ -75,9 +75,6 @@ class Variable:
     def _accumulate(self, grad: Any) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _zero_grad_like(self) -> Any:  # pragma: no cover - overridden
-        raise NotImplementedError
-
     def _check_grad(self, grad: Any) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
 

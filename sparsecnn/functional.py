@@ -71,8 +71,9 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
     W = weight.data
     g_in = x.ground if ground_state else xp.zeros_like(x.ground)
     b = bias.data if bias is not None else xp.zeros(W.shape[2], W.dtype)
+    W_sum = W.sum(axis=0) if ground_state else None   # sum_k W_k: maps g_in to g_out
     if ground_state:
-        g_out = b + g_in @ W.sum(axis=0)
+        g_out = b + g_in @ W_sum
         row = g_out
     else:
         g_out = xp.zeros(W.shape[2], W.dtype)
@@ -93,7 +94,7 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
             gW = gW + g_in[None, :, None] * G[None, None, :]
         grad_x = None
         if need_x:
-            g_gin = W.sum(axis=0) @ G - colsum(gx) if ground_state else xp.zeros_like(g_in)
+            g_gin = W_sum @ G - colsum(gx) if ground_state else xp.zeros_like(g_in)
             grad_x = (gx, g_gin)
         return grad_x, gW, G if bias is not None else None
 

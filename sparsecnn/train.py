@@ -23,7 +23,7 @@ from . import backend, io, optim, stats
 from .autograd import no_grad
 from .data import BatchIterator, StrokeDataset
 from .functional import cross_entropy, log_softmax
-from .metrics import topk_accuracy
+from .metrics import RunningMean, accuracy, topk_accuracy
 from .nn import Dropout, Module
 
 DEFAULT_AUGMENT = {"scale": 0.1, "stretch": 0.1, "shear": 0.15, "rotation": 0.15,
@@ -263,8 +263,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
         for epoch in range(start, cfg.epochs):
             model.train()
             t0 = time.perf_counter()
-            seen = correct = 0
-            loss_sum = 0.0
+            loss_m, acc_m = RunningMean(), RunningMean()
             bar = _bar(len(it), f"epoch {epoch + 1}/{cfg.epochs}", progress)
             for step, batch in enumerate(it.batches(epoch)):
                 x = batch.to_sparse().to(device)
@@ -285,20 +284,18 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                 opt.step()
                 opt.zero_grad()
                 b = batch.batch_size
-                seen += b
-                loss_sum += lv * b
-                pred = backend.to_device(logits.data, "cpu").argmax(axis=1)
-                correct += int((pred == batch.labels).sum())
+                loss_m.update(lv, b)
+                acc_m.update(accuracy(logits.data, batch.labels), b)
                 dt = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                sps=f"{seen / dt:.0f}")
+                bar.set_postfix(loss=f"{loss_m.mean:.3f}", acc=f"{acc_m.mean:.3f}",
+                                sps=f"{loss_m.count / dt:.0f}")
                 bar.update(1)
             bar.close()
             sched.step()
             dt = time.perf_counter() - t0
-            rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                                   "train_accuracy": correct / max(seen, 1), "lr": opt.lr,
-                                   "seconds": dt, "samples_per_second": seen / dt}
+            rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_m.mean,
+                                   "train_accuracy": acc_m.mean, "lr": opt.lr,
+                                   "seconds": dt, "samples_per_second": loss_m.count / dt}
             last = epoch + 1 == cfg.epochs
             if test_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                 ev = evaluate(model, test_data, batch_size=cfg.batch_size,
