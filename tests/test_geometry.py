@@ -217,6 +217,27 @@ def test_conv_rulebook_batch_gaps(rng):
     assert set(out_coords[:, 0].tolist()) == {1, 3}
 
 
+def test_conv_rulebook_private_tables_grow(rng):
+    """Isolated sites with a big window: each sample has ~16x more outputs than inputs, so
+    its private hash table must grow several times while it is being filled."""
+    spatial = (40, 40)
+    coords = random_unique_sites(rng, 3, spatial, 0.02)
+    coords = coords[np.lexsort(coords.T[::-1])]            # grouped by sample (fast path)
+    out_coords = _check_conv_kernel(coords, spatial, 4, 1)[0]
+    assert len(out_coords) > 8 * len(coords)
+
+
+def test_conv_rulebook_same_pairs_grouped_or_not(rng):
+    """Rows grouped by sample take a fast path; shuffled rows are grouped first. Both give
+    the same set of (offset, input site, output site) triples."""
+    spatial = (11, 13)
+    coords = random_unique_sites(rng, 4, spatial, 0.3)
+    grouped = coords[np.lexsort(coords.T[::-1])]
+    a = _check_conv_kernel(coords, spatial, 3, 2)
+    b = _check_conv_kernel(grouped, spatial, 3, 2)
+    assert (rulebook_triples(coords, *a[:4]) == rulebook_triples(grouped, *b[:4]))
+
+
 def test_conv_rulebook_offset_numbering_by_hand():
     """One site at (1, 2) of a 4x4 grid, f=3, s=1: it is in 4 windows with known offsets."""
     coords = np.array([[0, 1, 2]], np.int32)

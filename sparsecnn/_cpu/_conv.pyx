@@ -15,6 +15,7 @@ from libc.stdlib cimport calloc, free, malloc
 import numpy as np
 
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
+from ._omp cimport barrier
 
 cdef enum:
     FWD_CHUNK = 256     # rows per forward task (gather + result buffers stay in L2)
@@ -132,6 +133,7 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
                 _fwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &in_idx[a],
                            &out_idx[a], min(FWD_CHUNK, offsets[k + 1] - a), cin, cout,
                            gbuf, ybuf, &out[0, 0])
+            barrier()       # offset k + 1 scatters into the same rows
         free(gbuf)
         free(ybuf)
     return out_a
@@ -233,6 +235,7 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
                                &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
                                cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0],
                                grad_input)
+                barrier()   # offset k + 1 scatters into the same rows
             free(xbuf)
             free(gbuf)
             free(dxbuf)

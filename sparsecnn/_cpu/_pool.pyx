@@ -9,6 +9,8 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport calloc, free
 
+from ._omp cimport barrier
+
 import numpy as np
 
 cdef enum:
@@ -113,6 +115,7 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                     i = in_idx[q]
                     o = out_idx[q]
                     _max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
+                barrier()   # offset k + 1 updates the same rows
     return out_a, arg_a
 
 
@@ -179,6 +182,7 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
                         i = in_idx[q]
                         o = out_idx[q]
                         _max_row_backward(&grad_out[o, 0], &argmax[o, 0], &gx[i, 0], i, C)
+                    barrier()
     return gx_a, part_a.sum(axis=0)   # chunk partials in a fixed order
 
 
@@ -210,6 +214,7 @@ def avgpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                     o = out_idx[q]
                     for c in range(C):
                         out[o, c] += (features[i, c] - ground[c]) * inv
+                barrier()
     return out_a
 
 
@@ -239,6 +244,7 @@ def avgpool_backward(const floating[:, ::1] grad_out, const int32_t[::1] in_idx,
                     o = out_idx[q]
                     for c in range(C):
                         gx[i, c] += grad_out[o, c] * inv
+                barrier()
     count_a = np.empty(max(n_out, 1), dtype=np.int32)
     cdef int32_t[::1] count = count_a
     _count_active(out_idx, &count[0], n_out)

@@ -13,6 +13,7 @@ from libc.stdlib cimport free, malloc
 import numpy as np
 
 from ._hash cimport _get_or_insert, _lookup, _pack
+from ._omp cimport barrier
 
 cdef enum:
     MAX_DIM = 8
@@ -63,31 +64,47 @@ def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
 
 cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
                              int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
-                             Py_ssize_t per_in, int64_t* keys, int32_t* vals,
+                             int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
                              int32_t* ocoords, int32_t* tri, int64_t* count,
                              Py_ssize_t* n_pairs) noexcept nogil:
-    """Outputs and pairs of the inputs perm[a:b] (one sample) with a private hash table.
+    """Outputs and pairs of the inputs perm[a:b] (rows a:b if perm is NULL: one sample) with
+    a private hash table of local keys (the output's row-major index within the sample).
 
+    The table starts small and doubles at load 1/2 (at most 2**max_bits slots), so it stays
+    in cache; candidate keys and offsets are updated incrementally along the odometer.
     Writes local output coords (in order of first appearance) to ocoords and (k, i, o_local)
     triples to tri; counts pairs per offset. Returns the number of outputs."""
-    cdef int bits = _log2_capacity((b - a) * per_in)
-    cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1, q, P = 0
-    cdef int shift = 64 - bits, j, k, p, skip, sh = -1
+    cdef int bits = _log2_capacity(b - a)
+    cdef Py_ssize_t cap, mask, q, P = 0, h
+    cdef int shift, j, p, skip, sh = -1
     cdef int lo[MAX_DIM]
     cdef int hi[MAX_DIM]
     cdef int cur[MAX_DIM]
-    cdef int32_t orow[MAX_DIM + 1]
-    cdef int32_t n_out = 0, r, o
-    cdef int64_t i
+    cdef int64_t ostride[MAX_DIM]
+    cdef int fstride[MAX_DIM]
+    cdef int32_t n_out = 0, r, o, batch, k
+    cdef int64_t i, key
+    if bits > max_bits:
+        bits = max_bits
+    cap = <Py_ssize_t>1 << bits
+    mask = cap - 1
+    shift = 64 - bits
     if s & (s - 1) == 0:
         sh = 0
         while (1 << sh) < s:
             sh += 1
+    ostride[d - 1] = 1
+    fstride[d - 1] = 1
+    for j in range(d - 2, -1, -1):
+        ostride[j] = ostride[j + 1] * out_shape[j + 1]
+        fstride[j] = fstride[j + 1] * f
     for q in range(cap):
         keys[q] = -1
     for q in range(a, b):
-        i = perm[q]
+        i = q if perm == NULL else perm[q]
         skip = 0
+        key = 0
+        k = 0
         for j in range(d):
             p = coords[i, 1 + j]
             # o*s <= p < o*s + f  <=>  ceil((p - f + 1) / s) <= o <= floor(p / s)
@@ -102,20 +119,29 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
             if lo[j] > hi[j]:
                 skip = 1
             cur[j] = lo[j]
+            key += lo[j] * ostride[j]
+            k += (p - lo[j] * s) * fstride[j]
         if skip:
             continue
-        orow[0] = coords[i, 0]
+        batch = coords[i, 0]
         while True:
-            k = 0
-            for j in range(d):
-                orow[1 + j] = cur[j]
-                k = k * f + (coords[i, 1 + j] - cur[j] * s)
-            r = _get_or_insert(keys, vals, mask, shift, _pack(orow, out_shape, d), n_out)
+            r = _get_or_insert(keys, vals, mask, shift, key, n_out)
             if r < 0:
                 o = n_out
-                for j in range(d + 1):
-                    ocoords[o * (d + 1) + j] = orow[j]
+                okeys[o] = key
+                ocoords[o * (d + 1)] = batch
+                for j in range(d):
+                    ocoords[o * (d + 1) + 1 + j] = cur[j]
                 n_out += 1
+                if 2 * n_out >= cap and bits < max_bits:    # grow: rehash the outputs
+                    bits += 1
+                    cap = cap * 2
+                    mask = cap - 1
+                    shift = 64 - bits
+                    for h in range(cap):
+                        keys[h] = -1
+                    for h in range(n_out):
+                        _get_or_insert(keys, vals, mask, shift, okeys[h], <int32_t>h)
             else:
                 o = r
             tri[3 * P] = k
@@ -126,15 +152,37 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
             # odometer over the candidate outputs, last dimension fastest
             j = d - 1
             while j >= 0:
-                cur[j] += 1
-                if cur[j] <= hi[j]:
+                if cur[j] < hi[j]:
+                    cur[j] += 1
+                    key += ostride[j]
+                    k -= s * fstride[j]
                     break
+                key -= (cur[j] - lo[j]) * ostride[j]
+                k += (cur[j] - lo[j]) * s * fstride[j]
                 cur[j] = lo[j]
                 j -= 1
             if j < 0:
                 break
     n_pairs[0] = P
     return n_out
+
+
+cdef void _numbering(Py_ssize_t B, int K, const int64_t* nout, const int64_t* count,
+                     int64_t* obase, int64_t* offsets, int64_t* pos) noexcept nogil:
+    """Global numbering from per-sample results: obase (B + 1) numbers the outputs by sample;
+    offsets (K + 1) is the CSR of pairs by offset; pos[b, k] is where sample b's first pair
+    of offset k goes (pairs by offset, then by sample)."""
+    cdef Py_ssize_t bb
+    cdef int k
+    obase[0] = 0
+    for bb in range(B):
+        obase[bb + 1] = obase[bb] + nout[bb]
+    offsets[0] = 0
+    for k in range(K):
+        offsets[k + 1] = offsets[k]
+        for bb in range(B):
+            pos[bb * K + k] = offsets[k + 1]
+            offsets[k + 1] += count[bb * K + k]
 
 
 def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape,
@@ -154,88 +202,103 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int d = coords.shape[1] - 1
     cdef int f = filter_size, s = stride, j, K = 1, span = (filter_size + stride - 1) // stride
     cdef Py_ssize_t per_in = 1
+    cdef int64_t out_shape[MAX_DIM]
     for j in range(d):
         K *= f
         per_in *= span
-    out_shape_a = np.array([(spatial_shape[j] - f) // s + 1 for j in range(d)], dtype=np.int64)
-    cdef const int64_t[::1] out_shape = out_shape_a
+        out_shape[j] = (spatial_shape[j] - f) // s + 1
     if n == 0:
         return (np.empty((0, 1 + d), np.int32), np.empty(0, np.int32), np.empty(0, np.int32),
                 np.zeros(K + 1, np.int64))
-    # group the rows by sample: a stable counting sort
-    cdef Py_ssize_t B = 0, bb, r0, q
+    # group the rows by sample: usually they already are (every geometry this library
+    # makes is ordered by sample); otherwise a stable counting sort
+    cdef Py_ssize_t B = 0, bb, r0, q, biggest = 0, t, kk, tid
+    cdef bint grouped = True
     with nogil:
         for q in range(n):
             if coords[q, 0] >= B:
                 B = coords[q, 0] + 1
-    perm_a = np.empty(n, dtype=np.int64)
-    bstart_a = np.zeros(B + 1, dtype=np.int64)
-    cdef int64_t[::1] perm = perm_a
-    cdef int64_t[::1] bstart = bstart_a
-    fill_a = np.empty(B, dtype=np.int64)
-    cdef int64_t[::1] fill = fill_a
+            if q and coords[q, 0] < coords[q - 1, 0]:
+                grouped = False
+    # per sample: start row (B + 1), outputs, pairs, output base (B + 1); then pair counts and
+    # write positions (B x K each)
+    work_a = np.zeros(5 * B + 2 + 2 * B * K, dtype=np.int64)
+    cdef int64_t[::1] work = work_a
+    cdef int64_t* bstart = &work[0]
+    cdef int64_t* nout = bstart + B + 1
+    cdef Py_ssize_t* npairs = <Py_ssize_t*>(nout + B)
+    cdef int64_t* obase = nout + 2 * B
+    cdef int64_t* count = obase + B + 1
+    cdef int64_t* pos = count + B * K
+    cdef int64_t* perm = NULL
     with nogil:
         for q in range(n):
             bstart[coords[q, 0] + 1] += 1
         for bb in range(B):
+            if bstart[bb + 1] * per_in > biggest:
+                biggest = bstart[bb + 1] * per_in
             bstart[bb + 1] += bstart[bb]
-            fill[bb] = bstart[bb]
-        for q in range(n):
-            perm[fill[coords[q, 0]]] = q
-            fill[coords[q, 0]] += 1
-    cdef Py_ssize_t biggest = int(np.diff(bstart_a).max()) * per_in if B else 0
+        if not grouped:
+            perm = <int64_t*>malloc(n * sizeof(int64_t))
+            for bb in range(B):      # npairs doubles as the fill pointer here
+                npairs[bb] = bstart[bb]
+            for q in range(n):
+                perm[npairs[coords[q, 0]]] = q
+                npairs[coords[q, 0]] += 1
     cdef int cap_bits = _log2_capacity(biggest)
+    # sample b's outputs and pairs go to rows bstart[b] * per_in ..., then to their global
+    # places; n * per_in bounds both (it is the number of pairs unless windows leave the
+    # grid). The results are views of these: one parallel region, no reallocation.
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
+    out_coords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     tri_a = np.empty((n * per_in, 3), dtype=np.int32)
-    count_a = np.zeros((B, K), dtype=np.int64)
-    nout_a = np.zeros(B, dtype=np.int64)
-    npairs_a = np.zeros(B, dtype=np.int64)
+    in_a = np.empty(n * per_in, dtype=np.int32)
+    out_a = np.empty(n * per_in, dtype=np.int32)
+    offsets_a = np.empty(K + 1, dtype=np.int64)
     cdef int32_t[:, ::1] ocoords = ocoords_a
-    cdef int32_t[:, ::1] tri = tri_a
-    cdef int64_t[:, ::1] count = count_a
-    cdef int64_t[::1] nout = nout_a
-    cdef Py_ssize_t[::1] npairs = npairs_a.view(np.intp)
-    cdef int64_t* keys
-    cdef int32_t* vals
-    with nogil, parallel():
-        keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
-        vals = <int32_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int32_t))
-        for bb in prange(B, schedule='dynamic'):
-            r0 = bstart[bb] * per_in
-            nout[bb] = _conv_sample(coords, &out_shape[0], d, f, s, &perm[0], bstart[bb],
-                                    bstart[bb + 1], per_in, keys, vals, &ocoords[r0, 0],
-                                    &tri[r0, 0], &count[bb, 0], &npairs[bb])
-        free(keys)
-        free(vals)
-    # global numbering: outputs by sample; pairs by offset, then sample
-    obase_a = np.zeros(B + 1, dtype=np.int64)
-    np.cumsum(nout_a, out=obase_a[1:])
-    offsets_a = np.zeros(K + 1, dtype=np.int64)
-    np.cumsum(count_a.sum(axis=0), out=offsets_a[1:])
-    pos_a = np.ascontiguousarray(offsets_a[:K][None, :] + np.cumsum(count_a, axis=0) - count_a)
-    cdef Py_ssize_t n_out = obase_a[B], P = offsets_a[K]
-    out_coords_a = np.empty((n_out, 1 + d), dtype=np.int32)
-    in_a = np.empty(P, dtype=np.int32)
-    out_a = np.empty(P, dtype=np.int32)
     cdef int32_t[:, ::1] out_coords = out_coords_a
+    cdef int32_t[:, ::1] tri = tri_a
     cdef int32_t[::1] in_idx = in_a
     cdef int32_t[::1] out_idx = out_a
-    cdef int64_t[:, ::1] pos = pos_a
-    cdef const int64_t[::1] obase = obase_a
-    cdef Py_ssize_t t, kk
-    with nogil:
+    cdef int64_t[::1] offsets = offsets_a
+    cdef int64_t* keys
+    cdef int32_t* vals
+    cdef int64_t* okeys
+    cdef int64_t* mypos
+    with nogil, parallel():
+        # sized for the worst case; pages are touched only as far as a table grows
+        keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
+        vals = <int32_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int32_t))
+        okeys = <int64_t*>malloc(max(biggest, 1) * sizeof(int64_t))
+        for bb in prange(B, schedule='dynamic'):
+            r0 = bstart[bb] * per_in
+            nout[bb] = _conv_sample(coords, out_shape, d, f, s, perm, bstart[bb],
+                                    bstart[bb + 1], cap_bits, keys, vals, okeys,
+                                    &ocoords[r0, 0], &tri[r0, 0], count + bb * K,
+                                    &npairs[bb])
+        free(keys)
+        free(vals)
+        free(okeys)
+        barrier()   # every sample done; then each thread numbers privately (B x K is small)
+        mypos = <int64_t*>malloc((B * K + B + 1 + K + 1) * sizeof(int64_t))
+        _numbering(B, K, nout, count, mypos + B * K, mypos + B * K + B + 1, mypos)
         for bb in prange(B, schedule='static'):
             r0 = bstart[bb] * per_in
+            t = mypos[B * K + bb]      # this sample's first output
             for q in range(nout[bb]):
                 for j in range(d + 1):
-                    out_coords[obase[bb] + q, j] = ocoords[r0 + q, j]
+                    out_coords[t + q, j] = ocoords[r0 + q, j]
             for q in range(r0, r0 + npairs[bb]):
                 kk = tri[q, 0]
-                t = pos[bb, kk]
+                t = mypos[bb * K + kk]
                 in_idx[t] = tri[q, 1]
-                out_idx[t] = <int32_t>(obase[bb] + tri[q, 2])
-                pos[bb, kk] = t + 1
-    return out_coords_a, in_a, out_a, offsets_a
+                out_idx[t] = <int32_t>(mypos[B * K + bb] + tri[q, 2])
+                mypos[bb * K + kk] = t + 1
+        free(mypos)
+    free(perm)
+    _numbering(B, K, nout, count, obase, &offsets[0], pos)
+    cdef Py_ssize_t n_out = obase[B], P = offsets[K]
+    return out_coords_a[:n_out], in_a[:P], out_a[:P], offsets_a
 
 
 cdef void _neighbours(const int32_t[:, ::1] coords, const int64_t* shape, int d, int f,
