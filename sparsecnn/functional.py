@@ -17,6 +17,8 @@ from . import backend
 from .autograd import Parameter, is_grad_enabled, record
 from .tensor import SparseTensor, Tensor
 
+SMALL_CIN = 4   # below this many input channels conv_forward works output by output
+
 __all__ = [
     "convolution", "submanifold_convolution", "max_pooling", "average_pooling",
     "network_in_network", "leaky_relu", "relu", "dropout", "batch_norm", "to_dense",
@@ -78,8 +80,9 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
     else:
         g_out = xp.zeros(W.shape[2], W.dtype)
         row = b
+    few = W.shape[1] < SMALL_CIN      # the kernel goes output by output over the window
     feats = K.conv_forward(x.features, W, row, g_in, rb.in_idx, rb.out_idx, rb.offsets,
-                           rb.n_out)
+                           rb.n_out, window=rb.window if few else None)
     out = SparseTensor._make(out_geom, feats, g_out)
     if not is_grad_enabled():
         return out
@@ -159,11 +162,11 @@ def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
     xp = backend.xp(x.device)
     if ground_state:
         feats, argmax = K.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx,
-                                          rb.offsets, rb.n_out)
+                                          rb.offsets, rb.n_out, window=rb.window)
     else:   # active sites only: a window always holds one, so -inf never survives
         neg = xp.full_like(x.ground, -xp.inf)
         feats, argmax = K.maxpool_forward(x.features, neg, rb.in_idx, rb.out_idx, rb.offsets,
-                                          rb.n_out)
+                                          rb.n_out, window=rb.window)
     out = SparseTensor._make(out_geom, feats, x.ground if ground_state else x.ground * 0)
 
     def backward(grad):

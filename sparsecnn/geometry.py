@@ -8,7 +8,7 @@ network applied twice to the same input, and every backward pass, reuse every ru
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +29,7 @@ class Rulebook:
     n_out: int
     filter_size: int
     stride: int
+    _window: Any = field(default=None, compare=False, repr=False)
 
     @property
     def n_pairs(self) -> int:
@@ -37,6 +38,18 @@ class Rulebook:
     @property
     def kernel_volume(self) -> int:
         return int(self.offsets.shape[0]) - 1
+
+    @property
+    def window(self) -> Any:
+        """The pairs grouped by output: (n_out, K) int32, window[o, k] = input row or -1.
+
+        Built on first use (pooling, convolutions with few input channels) and kept, so
+        forward and backward of every layer on this rulebook share it."""
+        if self._window is None:
+            K = backend.kernels(backend.device_of(self.in_idx))
+            object.__setattr__(self, "_window", K.build_window(self.in_idx, self.out_idx,
+                                                               self.offsets, self.n_out))
+        return self._window
 
 
 def check_packable(spatial_shape: tuple[int, ...], batch_size: int) -> None:

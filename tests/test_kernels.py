@@ -271,6 +271,11 @@ def test_maxpool(rb_name, C, values, dtype, rng):
         x = rng.standard_normal((n_in, C)).astype(dtype)
         g = rng.standard_normal(C).astype(dtype) * 0.5
     y, arg = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
+    # a window passed in (as the layers pass their rulebook's cached one) changes nothing
+    y2, arg2 = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out,
+                                    window=_cpu.build_window(in_idx, out_idx, offsets, n_out))
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(arg2, arg)
     assert y.dtype == dtype and y.shape == (n_out, C)
     assert arg.dtype == np.int32 and arg.shape == (n_out, C)
     ry, rarg = ref_maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
@@ -293,6 +298,28 @@ def test_maxpool(rb_name, C, values, dtype, rng):
     np.testing.assert_allclose(gx.sum(0) + gg, gy.astype(np.float64).sum(0),
                                rtol=1e-4 if dtype == np.float32 else 1e-10,
                                atol=1e-3 if dtype == np.float32 else 1e-9)
+
+
+@pytest.mark.parametrize("rb_name", list(RULEBOOKS))
+def test_build_window(rb_name, rng):
+    """window[o, k] is the input paired with o at offset k, -1 where there is none."""
+    in_idx, out_idx, offsets, n_in, n_out = RULEBOOKS[rb_name](rng)
+    K = len(offsets) - 1
+    win = _cpu.build_window(in_idx, out_idx, offsets, n_out)
+    assert win.dtype == np.int32 and win.shape == (n_out, K)
+    expected = np.full((n_out, K), -1, np.int32)
+    for k in range(K):
+        q = slice(offsets[k], offsets[k + 1])
+        expected[out_idx[q], k] = in_idx[q]
+    np.testing.assert_array_equal(win, expected)
+
+
+def test_build_window_empty():
+    assert _cpu.build_window(np.zeros(0, np.int32), np.zeros(0, np.int32),
+                             np.zeros(5, np.int64), 0).shape == (0, 4)
+    np.testing.assert_array_equal(
+        _cpu.build_window(np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(3, np.int64),
+                          2), np.full((2, 2), -1, np.int32))
 
 
 def test_maxpool_tie_rules_by_hand():

@@ -16,7 +16,12 @@ from ._conv import conv_backward as _conv_backward  # noqa: E402
 from ._conv import conv_forward as _conv_forward  # noqa: E402
 from ._openmp import USE_OPENMP, max_threads  # noqa: E402
 from ._pool import avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward  # noqa: E402
-from ._rulebook import build_conv_rulebook, build_hash, build_submanifold_rulebook  # noqa: E402
+from ._rulebook import (  # noqa: E402
+    build_conv_rulebook,
+    build_hash,
+    build_submanifold_rulebook,
+    build_window,
+)
 from ._threads import blas_info, single_threaded_blas, with_single_threaded_blas  # noqa: E402
 
 conv_forward = with_single_threaded_blas(_conv_forward)
@@ -26,6 +31,7 @@ KERNEL_NAMES = (
     "build_hash",
     "build_conv_rulebook",
     "build_submanifold_rulebook",
+    "build_window",
     "conv_forward",
     "conv_backward",
     "maxpool_forward",
@@ -35,7 +41,8 @@ KERNEL_NAMES = (
 )
 
 __all__ = [
-    "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "conv_forward",
+    "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
+    "conv_forward",
     "conv_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward",
     "avgpool_backward", "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
     "single_threaded_blas",

@@ -10,12 +10,14 @@ summed afterwards in chunk order (no float atomics).
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
 from ._omp cimport barrier
+
+from ._rulebook import build_window
 
 cdef enum:
     FWD_CHUNK = 256     # rows per forward task (gather + result buffers stay in L2)
@@ -54,54 +56,42 @@ cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
 
 
 cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, :, ::1] w,
-                             const floating[::1] g, const int32_t[::1] in_idx,
-                             const int32_t[::1] out_idx, const int64_t[::1] offsets,
+                             const floating[::1] g, const int32_t[:, ::1] win,
                              floating[:, ::1] out) noexcept nogil:
-    """Few input channels: regroup the pairs by output (counting sort, offsets ascending
-    within an output) and accumulate each output row once, instead of K scattered passes
-    over the whole output. Same sums in the same order as the per-offset path."""
-    cdef Py_ssize_t n_out = out.shape[0], P = in_idx.shape[0], q, t, o, co, ci
+    """Few input channels: go output by output over the window (build_window) and
+    accumulate each output row once, instead of K scattered passes over the whole output.
+    Same sums in the same order (offsets ascending) as the per-offset path."""
+    cdef Py_ssize_t n_out = out.shape[0], o, co, ci
     cdef int K = w.shape[0], cin = w.shape[1], cout = w.shape[2], k
-    cdef int64_t* start = <int64_t*>calloc(n_out + 1, sizeof(int64_t))
-    cdef int32_t* pair = <int32_t*>malloc(max(P, 1) * sizeof(int32_t))
-    cdef int32_t* kof = <int32_t*>malloc(max(P, 1) * sizeof(int32_t))
+    cdef int32_t i
     cdef floating v
     cdef floating* orow
     cdef const floating* wk
-    for q in range(P):
-        start[out_idx[q] + 1] += 1
-    for o in range(n_out):
-        start[o + 1] += start[o]
-    for k in range(K):
-        for q in range(offsets[k], offsets[k + 1]):
-            t = start[out_idx[q]]
-            pair[t] = in_idx[q]
-            kof[t] = k
-            start[out_idx[q]] = t + 1
-    # start[o] is now the end of o's pairs; o's pairs begin at start[o - 1] (0 for o = 0)
     for o in prange(n_out, schedule='static'):
         orow = &out[o, 0]
-        for t in range(0 if o == 0 else start[o - 1], start[o]):
-            wk = &w[kof[t], 0, 0]
+        for k in range(K):
+            i = win[o, k]
+            if i < 0:
+                continue
+            wk = &w[k, 0, 0]
             for ci in range(cin):
-                v = x[pair[t], ci] - g[ci]
+                v = x[i, ci] - g[ci]
                 for co in range(cout):
                     orow[co] += v * wk[ci * cout + co]
-    free(start)
-    free(pair)
-    free(kof)
 
 
 def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
                  const floating[::1] bias, const floating[::1] ground,
                  const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                 const int64_t[::1] offsets, Py_ssize_t n_out):
+                 const int64_t[::1] offsets, Py_ssize_t n_out, *, window=None):
     """out[o] = bias + sum over pairs (i, o) of offset k of weight[k]^T (features[i] - ground).
 
     features : (n_in, C_in) float32/float64      # IN
     weight : (K, C_in, C_out), bias : (C_out,)   # IN (bias: the row outputs start from)
     ground : (C_in,)                             # IN, value of the inactive input sites
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64    # IN, the rulebook
+    window : (n_out, K) int32, optional: build_window of the rulebook. Used (and built here
+             if None) only when C_in is small, where the kernel works output by output.
     Returns out : (n_out, C_out).
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
@@ -119,8 +109,13 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
                 out[o, co] = bias[co]
     if in_idx.shape[0] == 0:
         return out_a
+    cdef const int32_t[:, ::1] win
     if cin < SMALL_CIN:
-        _small_cin_forward(features, weight, ground, in_idx, out_idx, offsets, out)
+        if window is None:
+            window = build_window(in_idx, out_idx, offsets, n_out)
+        win = window
+        with nogil:
+            _small_cin_forward(features, weight, ground, win, out)
         return out_a
     with nogil, parallel():
         gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))

@@ -13,6 +13,8 @@ from ._omp cimport barrier
 
 import numpy as np
 
+from ._rulebook import build_window
+
 cdef enum:
     POOL_CHUNK = 256    # outputs per task where a reduction needs per-chunk partials
 
@@ -78,44 +80,46 @@ cdef inline void _max_row_backward(const floating* gy, const int32_t* arg, float
 
 def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                     const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                    const int64_t[::1] offsets, Py_ssize_t n_out):
+                    const int64_t[::1] offsets, Py_ssize_t n_out, *, window=None):
     """out[o, c] = max(features[i, c] over active i in o's window; ground[c] if any inactive).
 
     features : (n_in, C); ground : (C,)                            # IN
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64          # IN
+    window : (n_out, K) int32, optional: build_window of this rulebook (built here if None;
+             pass it to reuse a cached one)
     Returns out (n_out, C) and argmax (n_out, C) int32: the input row that won, -1 for the
     ground. Ties go to the earliest candidate: the ground, then offsets in row-major order.
+    Works output by output over the window: each output row is written once.
     """
     cdef int K = offsets.shape[0] - 1, k
-    cdef Py_ssize_t C = features.shape[1], o, c, q, q0, q1
+    cdef Py_ssize_t C = features.shape[1], o, c
     cdef int32_t i
+    cdef bint gap
     cdef floating neg_inf = -np.inf
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, C), dtype=dtype)
     # offset argmax by half a page from out: rows o of both arrays would otherwise share
     # their address modulo 4096 and every store to one would stall loads from the other
     arg_a = np.empty(n_out * C + 512, dtype=np.int32)[512:].reshape(n_out, C)
-    count_a = np.empty(max(n_out, 1), dtype=np.int32)
     cdef floating[:, ::1] out = out_a
     cdef int32_t[:, ::1] arg = arg_a
-    cdef int32_t[::1] count = count_a
     if n_out == 0:
         return out_a, arg_a
+    if window is None:
+        window = build_window(in_idx, out_idx, offsets, n_out)
+    cdef const int32_t[:, ::1] win = window
     with nogil:
-        _count_active(out_idx, &count[0], n_out)
         for o in prange(n_out, schedule='static'):
-            for c in range(C):
-                out[o, c] = neg_inf if count[o] == K else ground[c]
-                arg[o, c] = -1
-        with parallel():
+            gap = False
             for k in range(K):
-                q0 = offsets[k]
-                q1 = offsets[k + 1]
-                for q in prange(q0, q1, schedule='static'):
-                    i = in_idx[q]
-                    o = out_idx[q]
+                gap = gap or win[o, k] < 0
+            for c in range(C):
+                out[o, c] = ground[c] if gap else neg_inf
+                arg[o, c] = -1
+            for k in range(K):
+                i = win[o, k]
+                if i >= 0:
                     _max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
-                barrier()   # offset k + 1 updates the same rows
     return out_a, arg_a
 
 

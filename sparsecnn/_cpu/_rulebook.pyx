@@ -301,6 +301,33 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     return out_coords_a[:n_out], in_a[:P], out_a[:P], offsets_a
 
 
+def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
+                 const int64_t[::1] offsets, Py_ssize_t n_out):
+    """The rulebook grouped by output: window[o, k] = the input row paired with output o at
+    offset k, or -1 (that window position is inactive).
+
+    in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64     # IN, a rulebook
+    Returns window (n_out, K) int32. Kernels that reduce over a window (pooling, convolutions
+    with few input channels) then work output by output: no scatter, no barrier per offset.
+    """
+    cdef Py_ssize_t K = offsets.shape[0] - 1, o, q, k, kk, q0, q1
+    win_a = np.empty((n_out, K), dtype=np.int32)
+    cdef int32_t[:, ::1] win = win_a
+    if n_out == 0 or K == 0:
+        return win_a
+    with nogil, parallel():
+        for o in prange(n_out, schedule='static'):
+            for kk in range(K):
+                win[o, kk] = -1
+        barrier()
+        for k in range(K):      # every pair has its own slot: no races, no barrier needed
+            q0 = offsets[k]
+            q1 = offsets[k + 1]
+            for q in prange(q0, q1, schedule='static'):
+                win[out_idx[q], k] = in_idx[q]
+    return win_a
+
+
 cdef void _neighbours(const int32_t[:, ::1] coords, const int64_t* shape, int d, int f,
                       const int64_t* keys, const int32_t* vals, Py_ssize_t mask, int shift,
                       Py_ssize_t a, Py_ssize_t b, int32_t* nbr, int64_t* count) noexcept nogil:
