@@ -3,6 +3,9 @@
 Environment variables:
   SPARSECNN_NO_OPENMP=1   build without OpenMP (kernels run single-threaded)
   SPARSECNN_DEBUG=1       turn bounds checking and wraparound back on (slow; for debugging)
+  SPARSECNN_PORTABLE=1    do not tune for this machine's CPU (-march=native is used by
+                          default when the compiler accepts it); set it when building a wheel
+                          for other machines
 """
 import os
 import shutil
@@ -56,6 +59,26 @@ def openmp_works() -> bool:
         return out.stdout.strip() == b"1"
 
 
+def arch_flags() -> list[str]:
+    """-march=native when the compiler takes it (wide vectors in the row loops), unless
+    SPARSECNN_PORTABLE is set."""
+    if os.environ.get("SPARSECNN_PORTABLE"):
+        print("sparsecnn: SPARSECNN_PORTABLE is set; building for a generic CPU.")
+        return []
+    cc = _compiler()
+    if shutil.which(cc) is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "arch_test.c")
+        src.write_text("int main(void) { return 0; }\n")
+        try:
+            subprocess.run([cc, "-march=native", "-c", str(src), "-o", str(Path(tmp, "a.o"))],
+                           check=True, capture_output=True, timeout=120)
+        except (subprocess.SubprocessError, OSError):
+            return []
+    return ["-march=native"]
+
+
 def openmp_flags() -> list[str]:
     if os.environ.get("SPARSECNN_NO_OPENMP"):
         print("sparsecnn: SPARSECNN_NO_OPENMP is set; building single-threaded kernels.")
@@ -79,7 +102,7 @@ def openmp_flags() -> list[str]:
 def extensions() -> list[Extension]:
     omp = openmp_flags()
     debug = bool(os.environ.get("SPARSECNN_DEBUG"))
-    compile_args = ["-O3", *omp] if not debug else ["-O0", "-g", *omp]
+    compile_args = ["-O3", *arch_flags(), *omp] if not debug else ["-O0", "-g", *omp]
     exts = []
     for pyx in sorted((HERE / "sparsecnn" / "_cpu").glob("*.pyx")):
         name = f"sparsecnn._cpu.{pyx.stem}"

@@ -152,28 +152,46 @@ def submanifold_convolution(x: SparseTensor, weight: Parameter, bias: Parameter 
 
 # -- pooling --------------------------------------------------------------------------------
 def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
-                ground_state: bool = True) -> SparseTensor:
+                ground_state: bool = True,
+                negative_slope: float | None = None) -> SparseTensor:
     """Max over each window's active sites and, if the window holds an inactive site, the
-    ground state. The output ground is the input ground. Input (n, C) -> output (n_out, C)."""
+    ground state. The output ground is the input ground. Input (n, C) -> output (n_out, C).
+
+    ``negative_slope`` (in [0, 1)) applies the (leaky) ReLU ``max(v, slope * v)`` to the
+    result, features and ground, in the same pass: the values and gradients of max-pooling
+    followed by ``leaky_relu`` (``relu`` for 0), without the extra pass over the features.
+    """
     s = pool_size if stride is None else stride
     _check_sparse(x, "MaxPooling")
+    if negative_slope is not None and not (isinstance(negative_slope, (int, float))
+                                           and 0 <= negative_slope < 1):
+        raise ValueError(f"MaxPooling: negative_slope must be None or a number in [0, 1), "
+                         f"got {negative_slope!r}")
+    a = None if negative_slope is None else float(negative_slope)
     rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling")
     K = backend.kernels(x.device)
     xp = backend.xp(x.device)
-    if ground_state:
-        feats, argmax = K.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx,
-                                          rb.offsets, rb.n_out, window=rb.window)
-    else:   # active sites only: a window always holds one, so -inf never survives
-        neg = xp.full_like(x.ground, -xp.inf)
-        feats, argmax = K.maxpool_forward(x.features, neg, rb.in_idx, rb.out_idx, rb.offsets,
-                                          rb.n_out, window=rb.window)
-    out = SparseTensor._make(out_geom, feats, x.ground if ground_state else x.ground * 0)
+    # active sites only (ground_state=False): a window always holds one, so -inf never wins
+    g = x.ground if ground_state else xp.full_like(x.ground, -xp.inf)
+    feats, argmax = K.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets,
+                                      rb.n_out, window=rb.window, negative_slope=a)
+    g_out = x.ground if ground_state else x.ground * 0
+    if a is not None:
+        g_out = xp.maximum(g_out, g_out * x.dtype.type(a))
+    out = SparseTensor._make(out_geom, feats, g_out)
+    # windows that partition the inputs let backward write each input row once
+    partition = rb.window if pool_size == s else None
 
     def backward(grad):
         gy, gg = grad
         gx, g_ground = K.maxpool_backward(gy, argmax, rb.in_idx, rb.out_idx, rb.offsets,
-                                          rb.n_in)
-        return ((gx, g_ground + gg if ground_state else xp.zeros_like(x.ground)),)
+                                          rb.n_in, window=partition, negative_slope=a,
+                                          output=feats if a is not None else None)
+        if not ground_state:
+            return ((gx, xp.zeros_like(x.ground)),)
+        if a is not None:       # the output ground went through the activation too
+            gg = xp.where(x.ground > 0, gg, gg * x.dtype.type(a))
+        return ((gx, g_ground + gg),)
 
     return record(out, [x], backward, "max_pooling")
 

@@ -308,8 +308,10 @@ class _PoolBase(Module):
 class MaxPooling(_PoolBase):
     """Max pooling; the ground state is a candidate in windows with inactive sites."""
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state)
+    def forward(self, x: SparseTensor, negative_slope: float | None = None) -> SparseTensor:
+        """``negative_slope``: fuse a following (leaky) ReLU (see F.max_pooling)."""
+        return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state,
+                             negative_slope=negative_slope)
 
 
 @_register
@@ -477,8 +479,18 @@ class Sequential(Module):
         self.layers = list(layers)
 
     def forward(self, x: Any) -> Any:
-        for m in self.layers:
-            x = m(x)
+        layers, i = self.layers, 0
+        while i < len(layers):
+            m = layers[i]
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            if type(m) is MaxPooling and type(nxt) in (ReLU, LeakyReLU):
+                # the activation runs inside the pooling kernel: same values and gradients,
+                # one pass over the features fewer
+                x = m.forward(x, negative_slope=getattr(nxt, "negative_slope", 0.0))
+                i += 2
+            else:
+                x = m(x)
+                i += 1
         return x
 
     def __getitem__(self, i: int) -> Module:

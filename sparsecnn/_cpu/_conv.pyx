@@ -11,11 +11,20 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import numpy as np
 
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
 from ._omp cimport barrier
+from ._rows cimport (
+    scn_add_double,
+    scn_add_float,
+    scn_axpy_double,
+    scn_axpy_float,
+    scn_sub_double,
+    scn_sub_float,
+)
 
 from ._rulebook import build_window
 
@@ -26,58 +35,64 @@ cdef enum:
     SMALL_CIN = 4       # below this many input channels a GEMM is the wrong tool
 
 
+cdef inline void _axpy(floating a, const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    """y += a x"""
+    if floating is float:
+        scn_axpy_float(a, x, y, n)
+    else:
+        scn_axpy_double(a, x, y, n)
+
+
+cdef inline void _add(const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
+    """y += x"""
+    if floating is float:
+        scn_add_float(x, y, n)
+    else:
+        scn_add_double(x, y, n)
+
+
+cdef inline void _sub(const floating* x, const floating* g, floating* y,
+                      Py_ssize_t n) noexcept nogil:
+    """y = x - g"""
+    if floating is float:
+        scn_sub_float(x, g, y, n)
+    else:
+        scn_sub_double(x, g, y, n)
+
+
 cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
                      const int32_t* in_idx, const int32_t* out_idx, Py_ssize_t r,
                      int cin, int cout, floating* gbuf, floating* ybuf,
                      floating* out) noexcept nogil:
     """out[out_idx[t]] += w^T (x[in_idx[t]] - g) for t < r."""
-    cdef Py_ssize_t t, ci, co
-    cdef const floating* xr
-    cdef floating* orow
-    cdef floating v
-    if cin < SMALL_CIN:
-        for t in range(r):
-            xr = x + <Py_ssize_t>in_idx[t] * cin
-            orow = out + <Py_ssize_t>out_idx[t] * cout
-            for ci in range(cin):
-                v = xr[ci] - g[ci]
-                for co in range(cout):
-                    orow[co] += v * w[ci * cout + co]
-        return
+    cdef Py_ssize_t t
     for t in range(r):
-        xr = x + <Py_ssize_t>in_idx[t] * cin
-        for ci in range(cin):
-            gbuf[t * cin + ci] = xr[ci] - g[ci]
+        _sub(x + <Py_ssize_t>in_idx[t] * cin, g, gbuf + t * cin, cin)
     _gemm_nn(<int>r, cout, cin, gbuf, w, <floating>0, ybuf)
     for t in range(r):
-        orow = out + <Py_ssize_t>out_idx[t] * cout
-        for co in range(cout):
-            orow[co] += ybuf[t * cout + co]
+        _add(ybuf + t * cout, out + <Py_ssize_t>out_idx[t] * cout, cout)
 
 
 cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, :, ::1] w,
-                             const floating[::1] g, const int32_t[:, ::1] win,
-                             floating[:, ::1] out) noexcept nogil:
+                             const floating[::1] bias, const floating[::1] g,
+                             const int32_t[:, ::1] win, floating[:, ::1] out) noexcept nogil:
     """Few input channels: go output by output over the window (build_window) and
     accumulate each output row once, instead of K scattered passes over the whole output.
-    Same sums in the same order (offsets ascending) as the per-offset path."""
-    cdef Py_ssize_t n_out = out.shape[0], o, co, ci
+    Same sums in the same order (bias, then offsets ascending) as the per-offset path."""
+    cdef Py_ssize_t n_out = out.shape[0], o, ci
     cdef int K = w.shape[0], cin = w.shape[1], cout = w.shape[2], k
     cdef int32_t i
-    cdef floating v
     cdef floating* orow
-    cdef const floating* wk
     for o in prange(n_out, schedule='static'):
         orow = &out[o, 0]
+        for ci in range(cout):
+            orow[ci] = bias[ci]
         for k in range(K):
             i = win[o, k]
             if i < 0:
                 continue
-            wk = &w[k, 0, 0]
             for ci in range(cin):
-                v = x[i, ci] - g[ci]
-                for co in range(cout):
-                    orow[co] += v * wk[ci * cout + co]
+                _axpy(x[i, ci] - g[ci], &w[k, ci, 0], orow, cout)
 
 
 def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
@@ -103,19 +118,19 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     cdef floating* ybuf
     if n_out == 0:
         return out_a
+    cdef const int32_t[:, ::1] win
+    if cin < SMALL_CIN and in_idx.shape[0]:
+        if window is None:
+            window = build_window(in_idx, out_idx, offsets, n_out)
+        win = window
+        with nogil:
+            _small_cin_forward(features, weight, bias, ground, win, out)
+        return out_a
     with nogil:
         for o in prange(n_out, schedule='static'):   # every output starts from bias
             for co in range(cout):
                 out[o, co] = bias[co]
     if in_idx.shape[0] == 0:
-        return out_a
-    cdef const int32_t[:, ::1] win
-    if cin < SMALL_CIN:
-        if window is None:
-            window = build_window(in_idx, out_idx, offsets, n_out)
-        win = window
-        with nogil:
-            _small_cin_forward(features, weight, ground, win, out)
         return out_a
     with nogil, parallel():
         gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))
@@ -143,18 +158,16 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
     cdef const floating* xr
     cdef const floating* gr
     cdef floating* dr
-    cdef floating v, acc
-    for ci in range(cin * cout):
-        dw[ci] = 0
+    cdef floating acc
     if cin < SMALL_CIN:
+        for ci in range(cin * cout):
+            dw[ci] = 0
         for t in range(r):
             xr = x + <Py_ssize_t>in_idx[t] * cin
             gr = gy + <Py_ssize_t>out_idx[t] * cout
             dr = gx + <Py_ssize_t>in_idx[t] * cin
             for ci in range(cin):
-                v = xr[ci] - g[ci]
-                for co in range(cout):      # separate loops: this one vectorises
-                    dw[ci * cout + co] += v * gr[co]
+                _axpy(xr[ci] - g[ci], gr, dw + ci * cout, cout)
                 if want_gx:
                     acc = 0
                     for co in range(cout):
@@ -162,20 +175,14 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
                     dr[ci] += acc
         return
     for t in range(r):
-        xr = x + <Py_ssize_t>in_idx[t] * cin
-        gr = gy + <Py_ssize_t>out_idx[t] * cout
-        for ci in range(cin):
-            xbuf[t * cin + ci] = xr[ci] - g[ci]
-        for co in range(cout):
-            gbuf[t * cout + co] = gr[co]
+        _sub(x + <Py_ssize_t>in_idx[t] * cin, g, xbuf + t * cin, cin)
+        memcpy(gbuf + t * cout, gy + <Py_ssize_t>out_idx[t] * cout, cout * sizeof(floating))
     _gemm_tn(cin, cout, <int>r, xbuf, gbuf, <floating>0, dw)     # (cin, cout) = x_r^T @ gy_r
     if not want_gx:
         return
     _gemm_nt(<int>r, cin, cout, gbuf, w, <floating>0, dxbuf)    # (r, cin) = gy_r @ w^T
     for t in range(r):
-        dr = gx + <Py_ssize_t>in_idx[t] * cin
-        for ci in range(cin):
-            dr[ci] += dxbuf[t * cin + ci]
+        _add(dxbuf + t * cin, gx + <Py_ssize_t>in_idx[t] * cin, cin)
 
 
 def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,

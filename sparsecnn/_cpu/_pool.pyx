@@ -7,7 +7,7 @@ Offsets run in order and, within one, an output row occurs once: no races, fixed
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 
 from ._omp cimport barrier
 
@@ -42,6 +42,23 @@ cdef extern from *:
             arg[c] = (a & ~m) | (i & m);                                                 \
         }                                                                                \
     }                                                                                    \
+    static inline void scn_route_row_##T(const T *__restrict__ gy,                       \
+                                         const int32_t *__restrict__ arg,                \
+                                         T *__restrict__ gx, int32_t i, Py_ssize_t C) {  \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gx[c] = arg[c] == i ? gy[c] : (T)0;                                          \
+    }                                                                                    \
+    static inline void scn_leaky_row_##T(T *__restrict__ y, T a, Py_ssize_t C) {         \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            y[c] = y[c] > a * y[c] ? y[c] : a * y[c];                                    \
+    }                                                                                    \
+    /* gd = gy * (1 where y > 0, a elsewhere): the (leaky) ReLU's backward from its output */ \
+    static inline void scn_leaky_grad_row_##T(const T *__restrict__ gy,                  \
+                                              const T *__restrict__ y, T a,              \
+                                              T *__restrict__ gd, Py_ssize_t C) {        \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gd[c] = y[c] > 0 ? gy[c] : gy[c] * a;                                        \
+    }                                                                                    \
     static inline void scn_max_row_backward_##T(const T *__restrict__ gy,                \
                                                 const int32_t *__restrict__ arg,         \
                                                 T *__restrict__ gx, int32_t i,           \
@@ -58,6 +75,16 @@ cdef extern from *:
                             Py_ssize_t C) noexcept nogil
     void scn_max_row_backward_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
                                     Py_ssize_t C) noexcept nogil
+    void scn_route_row_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
+                             Py_ssize_t C) noexcept nogil
+    void scn_leaky_row_float(float* y, float a, Py_ssize_t C) noexcept nogil
+    void scn_leaky_row_double(double* y, double a, Py_ssize_t C) noexcept nogil
+    void scn_leaky_grad_row_float(const float* gy, const float* y, float a, float* gd,
+                                  Py_ssize_t C) noexcept nogil
+    void scn_leaky_grad_row_double(const double* gy, const double* y, double a, double* gd,
+                                   Py_ssize_t C) noexcept nogil
+    void scn_route_row_double(const double* gy, const int32_t* arg, double* gx, int32_t i,
+                              Py_ssize_t C) noexcept nogil
     void scn_max_row_backward_double(const double* gy, const int32_t* arg, double* gx,
                                      int32_t i, Py_ssize_t C) noexcept nogil
 
@@ -80,13 +107,16 @@ cdef inline void _max_row_backward(const floating* gy, const int32_t* arg, float
 
 def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                     const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                    const int64_t[::1] offsets, Py_ssize_t n_out, *, window=None):
+                    const int64_t[::1] offsets, Py_ssize_t n_out, *, window=None,
+                    negative_slope=None):
     """out[o, c] = max(features[i, c] over active i in o's window; ground[c] if any inactive).
 
     features : (n_in, C); ground : (C,)                            # IN
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64          # IN
     window : (n_out, K) int32, optional: build_window of this rulebook (built here if None;
              pass it to reuse a cached one)
+    negative_slope : float in [0, 1), optional: apply the (leaky) ReLU max(v, slope * v) to
+             each output as it is written (the pool followed by its activation, fused)
     Returns out (n_out, C) and argmax (n_out, C) int32: the input row that won, -1 for the
     ground. Ties go to the earliest candidate: the ground, then offsets in row-major order.
     Works output by output over the window: each output row is written once.
@@ -108,6 +138,8 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     if window is None:
         window = build_window(in_idx, out_idx, offsets, n_out)
     cdef const int32_t[:, ::1] win = window
+    cdef bint act = negative_slope is not None
+    cdef floating a = negative_slope if act else 0
     with nogil:
         for o in prange(n_out, schedule='static'):
             gap = False
@@ -120,7 +152,42 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
                 i = win[o, k]
                 if i >= 0:
                     _max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
+            if act:
+                _leaky_row(&out[o, 0], a, C)
     return out_a, arg_a
+
+
+cdef inline void _leaky_row(floating* y, floating a, Py_ssize_t C) noexcept nogil:
+    """y = max(y, a y)"""
+    if floating is float:
+        scn_leaky_row_float(y, a, C)
+    else:
+        scn_leaky_row_double(y, a, C)
+
+
+cdef inline void _leaky_grad_row(const floating* gy, const floating* y, floating a,
+                                 floating* gd, Py_ssize_t C) noexcept nogil:
+    """gd = gy * (1 where y > 0, a elsewhere)"""
+    if floating is float:
+        scn_leaky_grad_row_float(gy, y, a, gd, C)
+    else:
+        scn_leaky_grad_row_double(gy, y, a, gd, C)
+
+
+cdef inline void _route_row(const floating* gy, const int32_t* arg, floating* gx, int32_t i,
+                            Py_ssize_t C) noexcept nogil:
+    """gx = gy where arg == i, else 0"""
+    if floating is float:
+        scn_route_row_float(gy, arg, gx, i, C)
+    else:
+        scn_route_row_double(gy, arg, gx, i, C)
+
+
+cdef void _leaky_grad_rows(const floating[:, ::1] gy, const floating[:, ::1] y, floating a,
+                           floating[:, ::1] gd) noexcept nogil:
+    cdef Py_ssize_t o
+    for o in prange(gy.shape[0], schedule='static'):
+        _leaky_grad_row(&gy[o, 0], &y[o, 0], a, &gd[o, 0], gy.shape[1])
 
 
 cdef bint _inputs_repeat(const int32_t[::1] in_idx, Py_ssize_t n_in) noexcept nogil:
@@ -139,13 +206,20 @@ cdef bint _inputs_repeat(const int32_t[::1] in_idx, Py_ssize_t n_in) noexcept no
 
 def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argmax,
                      const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                     const int64_t[::1] offsets, Py_ssize_t n_in):
+                     const int64_t[::1] offsets, Py_ssize_t n_in, *, window=None,
+                     negative_slope=None, output=None):
     """grad_features[i, c] = sum of grad_out[o, c] over windows o that i won in channel c.
 
     grad_out : (n_out, C); argmax : (n_out, C) int32 from maxpool_forward     # IN
+    window : (n_out, K) int32, optional: build_window of the rulebook, passed only when the
+             windows partition the input rows (f == s: every input in exactly one window).
+             Then each input row is written once, from its window, with no zeroing pass.
+    negative_slope, output : the forward's negative_slope and its output (n_out, C): the
+             fused activation's backward (grad_out times 1 where output > 0, the slope
+             elsewhere) comes first
     Returns grad_features (n_in, C) and grad_ground (C,) (the windows the ground won).
-    Non-overlapping windows: one pass over the outputs, scattering to the winners (each input
-    has one window, so no two threads write one row); overlapping windows: per offset.
+    Otherwise, non-overlapping windows: one pass over the outputs, scattering to the winners
+    (each input has one window, so no two threads write one row); overlapping: per offset.
     """
     cdef int K = offsets.shape[0] - 1, k
     cdef Py_ssize_t C = grad_out.shape[1], n_out = grad_out.shape[0], o, c, q, q0, q1, ch
@@ -156,6 +230,44 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
     part_a = np.zeros((max(nch, 1), C), dtype=dtype)
     cdef floating[:, ::1] gx = gx_a
     cdef floating[:, ::1] part = part_a
+    cdef const int32_t[:, ::1] win
+    cdef const floating[:, ::1] y
+    cdef floating[:, ::1] gdv
+    cdef floating* gd
+    cdef const floating* gr
+    cdef bint gap, act = negative_slope is not None
+    cdef floating slope = negative_slope if act else 0
+    if act:
+        y = output
+        if window is None or in_idx.shape[0] != n_in:    # activation first, then route
+            gy_a = np.empty((n_out, C), dtype=dtype)
+            gdv = gy_a
+            with nogil:
+                _leaky_grad_rows(grad_out, y, slope, gdv)
+            return maxpool_backward(gy_a, argmax, in_idx, out_idx, offsets, n_in)
+    if window is not None and in_idx.shape[0] == n_in and n_out:
+        win = window
+        with nogil, parallel():
+            gd = <floating*>malloc(C * sizeof(floating))
+            for ch in prange(nch, schedule='static'):
+                for o in range(ch * POOL_CHUNK, min(ch * POOL_CHUNK + POOL_CHUNK, n_out)):
+                    gr = &grad_out[o, 0]
+                    if act:
+                        _leaky_grad_row(gr, &y[o, 0], slope, gd, C)
+                        gr = gd
+                    gap = False
+                    for k in range(K):
+                        i = win[o, k]
+                        if i >= 0:
+                            _route_row(gr, &argmax[o, 0], &gx[i, 0], i, C)
+                        else:
+                            gap = True
+                    if gap:       # only a window with a gap has the ground as a candidate
+                        for c in range(C):
+                            if argmax[o, c] < 0:
+                                part[ch, c] += gr[c]
+            free(gd)
+        return gx_a, part_a.sum(axis=0)   # chunk partials in a fixed order
     with nogil:
         for q in prange(n_in, schedule='static'):   # zero (and first-touch) in parallel
             for c in range(C):

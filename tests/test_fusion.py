@@ -1,0 +1,122 @@
+"""Max-pooling with its activation fused (F.max_pooling(..., negative_slope=a), and the
+Sequential that uses it for MaxPooling followed by ReLU/LeakyReLU) against the two ops run
+one after the other, and against the dense oracle: values, feature and ground gradients."""
+import numpy as np
+import pytest
+
+import sparsecnn as scn
+from sparsecnn import _cpu
+from sparsecnn import functional as F
+from tests import dense_reference as ref
+from tests.sparse_helpers import assert_close, dense_of, random_sparse, split_input_grad, tol
+
+CASES = [  # d, spatial, f, s, density
+    (2, (8, 8), 2, 2, 0.3),
+    (2, (9, 7), 3, 2, 0.4),      # overlapping windows
+    (2, (8, 11), 2, 3, 0.5),     # s > f: some inputs in no window
+    (1, (12,), 3, 3, 0.5),
+    (3, (4, 6, 4), 2, 2, 0.3),
+    (2, (6, 6), 2, 2, 1.0),      # every window full: the ground is no candidate
+    (2, (6, 6), 2, 2, "one"),
+]
+
+
+def _unfused(x, f, s, a, ground_state):
+    y = F.max_pooling(x, f, s, ground_state=ground_state)
+    return F.relu(y) if a == 0 else F.leaky_relu(y, a)
+
+
+def _grads(x, y, rng):
+    gy = rng.standard_normal(y.features.shape).astype(y.dtype)
+    gg = rng.standard_normal(y.channels).astype(y.dtype)
+    x.grad = x.ground_grad = None
+    y.backward((gy, gg))
+    return (x.grad, x.ground_grad), (gy, gg)
+
+
+@pytest.mark.parametrize("ground_state", [True, False], ids=["ground", "no-ground"])
+@pytest.mark.parametrize("a", [0.0, 0.01, 1 / 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"d{c[0]}-f{c[2]}s{c[3]}-{c[4]}")
+def test_fused_equals_pool_then_activation(case, dtype, a, ground_state, rng):
+    d, spatial, f, s, density = case
+    x = random_sparse(rng, 2, spatial, 3, density, dtype)
+    fused = F.max_pooling(x, f, s, ground_state=ground_state, negative_slope=a)
+    plain = _unfused(x, f, s, a, ground_state)
+    np.testing.assert_array_equal(fused.features, plain.features)
+    np.testing.assert_array_equal(fused.ground, plain.ground)
+    (gx1, gg1), seed = _grads(x, fused, np.random.default_rng(1))
+    x.grad = x.ground_grad = None
+    plain.backward(seed)
+    gx2, gg2 = x.grad, x.ground_grad
+    np.testing.assert_allclose(gx1, gx2, **tol(dtype))
+    np.testing.assert_allclose(gg1, gg2, **tol(dtype))
+
+
+@pytest.mark.parametrize("a", [0.0, 1 / 3])
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"d{c[0]}-f{c[2]}s{c[3]}-{c[4]}")
+def test_fused_against_dense_oracle(case, a, rng):
+    d, spatial, f, s, density = case
+    x = random_sparse(rng, 2, spatial, 4, density, np.float64)
+    y = F.max_pooling(x, f, s, negative_slope=a)
+    dense, _ = dense_of(x)
+    m = ref.maxpool_forward(dense, f, s)
+    expected = ref.leaky_relu_forward(m, a)
+    got, _ = dense_of(y)
+    np.testing.assert_allclose(got, expected, **tol(np.float64))
+    gy_dense = np.random.default_rng(2).standard_normal(expected.shape)
+    g_m = ref.leaky_relu_backward(m, a, gy_dense)
+    g_in = ref.maxpool_backward(dense, f, s, g_m)
+    # the same upstream gradient, split into active sites and the (summed) inactive ones
+    gy, gg = split_input_grad(y, gy_dense)
+    x.grad = x.ground_grad = None
+    y.backward((gy, gg))
+    at_sites, inactive = split_input_grad(x, g_in)
+    assert_close(x.grad, at_sites, np.float64)
+    assert_close(x.ground_grad, inactive, np.float64)
+
+
+def test_sequential_fuses_pool_and_activation(rng):
+    """Sequential(conv, pool, act, ...) runs the pair fused; layer by layer gives the same."""
+    net = scn.Sequential(scn.Convolution(2, 5, 3, seed=0), scn.MaxPooling(2, 2),
+                         scn.LeakyReLU(0.2), scn.Convolution(5, 4, 2, seed=1),
+                         scn.MaxPooling(2, 2), scn.ReLU())
+    x = random_sparse(rng, 2, (12, 12), 2, 0.2, np.float32)
+    y = net(x)
+    h = x
+    for m in net:
+        h = m(h)
+    np.testing.assert_array_equal(y.features, h.features)
+    np.testing.assert_array_equal(y.ground, h.ground)
+    names = []
+    node = y._node
+    while node is not None:
+        names.append(node.name)
+        node = node.parents[0]._node
+    assert "relu" not in names and "leaky_relu" not in names   # the activations were fused
+
+
+def test_fused_slope_is_checked(rng):
+    x = random_sparse(rng, 1, (4, 4), 1, 0.5)
+    for bad in (-0.1, 1.0, "relu"):
+        with pytest.raises(ValueError, match="negative_slope"):
+            F.max_pooling(x, 2, 2, negative_slope=bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_maxpool_backward_kernel_paths_agree(dtype, rng):
+    """Partitioning windows (f == s): the write-once path with the window equals the
+    zero-and-scatter path without it, the fused activation included."""
+    x = random_sparse(rng, 3, (10, 10), 7, 0.3, dtype)
+    rb, _ = x.geometry.conv(2, 2)
+    for a in (None, 0.0, 0.25):
+        y, arg = _cpu.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
+                                      rb.n_out, negative_slope=a)
+        gy = rng.standard_normal(y.shape).astype(dtype)
+        kw = dict(negative_slope=a, output=y if a is not None else None)
+        with_w = _cpu.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
+                                       window=rb.window, **kw)
+        without = _cpu.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
+                                        **kw)
+        np.testing.assert_array_equal(with_w[0], without[0])
+        np.testing.assert_allclose(with_w[1], without[1], **tol(dtype))
