@@ -91,7 +91,7 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
         gy, gg = grad
         need_x = x.requires_grad
         gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
-                                 grad_input=need_x)
+                                 grad_input=need_x, window=rb.window if few else None)
         G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
         if ground_state:
             gW = gW + g_in[None, :, None] * G[None, None, :]

@@ -187,6 +187,28 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cin", [1, 3])
+@pytest.mark.parametrize("rb_name", list(RULEBOOKS))
+def test_conv_backward_window_path(rb_name, cin, dtype, rng):
+    """Few input channels, no input gradient: with the window the weight gradient goes
+    output by output; it equals the per-offset path and the reference."""
+    in_idx, out_idx, offsets, n_in, n_out = RULEBOOKS[rb_name](rng)
+    K = len(offsets) - 1
+    x = rng.standard_normal((n_in, cin)).astype(dtype)
+    w = rng.standard_normal((K, cin, 5)).astype(dtype)
+    g = rng.standard_normal(cin).astype(dtype)
+    gy = rng.standard_normal((n_out, 5)).astype(dtype)
+    win = _cpu.build_window(in_idx, out_idx, offsets, n_out)
+    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
+                                window=win)
+    assert gx is None and gw.shape == w.shape and gw.dtype == dtype
+    _, gw_ref = ref_conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
+    np.testing.assert_allclose(gw, gw_ref, **TOL[dtype])
+    _, gw_plain = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
+    np.testing.assert_allclose(gw, gw_plain, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cin", [2, 6])
 def test_conv_empty_rulebook(cin, dtype, rng):
     K, cout, n_in, n_out = 4, 3, 5, 7

@@ -33,6 +33,7 @@ cdef enum:
     BWD_MIN_CHUNK = 256  # rows per backward task, at least
     BWD_MAX_CHUNKS = 32  # per offset: bounds the partial weight-gradient buffers
     SMALL_CIN = 4       # below this many input channels a GEMM is the wrong tool
+    RED_BLOCK = 512     # elements per task when weight-gradient partials are summed
 
 
 cdef inline void _axpy(floating a, const floating* x, floating* y, Py_ssize_t n) noexcept nogil:
@@ -185,23 +186,75 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
         _add(dxbuf + t * cin, gx + <Py_ssize_t>in_idx[t] * cin, cin)
 
 
+cdef void _small_cin_dw(const floating[:, ::1] x, const floating[::1] g,
+                       const floating[:, ::1] gy, const int32_t[:, ::1] win, Py_ssize_t o0,
+                       Py_ssize_t o1, int cin, int cout, floating* dw) noexcept nogil:
+    """dw[k] = sum over outputs o0 <= o < o1 and their pairs (i, k) of (x[i] - g) gy[o]^T:
+    the weight gradient of a few-input-channel convolution, output by output (each gy row is
+    read once, not once per offset). dw: (K, cin, cout), overwritten."""
+    cdef int K = win.shape[1], k, ci
+    cdef Py_ssize_t o, e
+    cdef int32_t i
+    for e in range(K * cin * cout):
+        dw[e] = 0
+    for o in range(o0, o1):
+        for k in range(K):
+            i = win[o, k]
+            if i >= 0:
+                for ci in range(cin):
+                    _axpy(x[i, ci] - g[ci], &gy[o, 0], dw + (k * cin + ci) * cout, cout)
+
+
 def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
                   const floating[::1] ground, const floating[:, ::1] grad_out,
                   const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                  const int64_t[::1] offsets, *, bint grad_input=True):
+                  const int64_t[::1] offsets, *, bint grad_input=True, window=None):
     """Gradients of conv_forward's pair sum.
 
     grad_features[i] = sum over pairs (i, o, k) of weight[k] grad_out[o]
     grad_weight[k] = sum over pairs (i, o) of offset k of (features[i] - ground) grad_out[o]^T
     features : (n_in, C_in); weight : (K, C_in, C_out); ground : (C_in,)   # IN
     grad_out : (n_out, C_out)                                              # IN
+    window : (n_out, K) int32, optional: build_window of the rulebook. With few input
+             channels and grad_input=False the weight gradient then goes output by output.
     Returns grad_features (n_in, C_in) (None with grad_input=False: the input needs no
     gradient, and its GEMM and scatter are skipped), grad_weight (K, C_in, C_out).
     (The bias/ground terms of the layer are plain sums, left to the caller.)
+    Weight gradients are summed from per-chunk partials in a fixed order: the chunking does
+    not depend on the number of threads, so neither do the results.
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
-    cdef Py_ssize_t n_in = features.shape[0]
+    cdef Py_ssize_t n_in = features.shape[0], n_out = grad_out.shape[0]
     dtype = np.float32 if floating is float else np.float64
+    gw_a = np.empty((K, cin, cout), dtype=dtype)
+    cdef floating[:, :, ::1] gw = gw_a
+    cdef Py_ssize_t E = cin * cout, e, e0, nblk = (E + RED_BLOCK - 1) // RED_BLOCK, t, c, a, kk
+    cdef const int32_t[:, ::1] win
+    cdef floating[:, ::1] flat
+    cdef floating* src
+    cdef floating* dst
+    if window is not None and not grad_input and cin < SMALL_CIN:
+        win = window
+        nch1 = max((n_out + FWD_CHUNK - 1) // FWD_CHUNK, 1)
+        part1_a = np.zeros((nch1, K * E), dtype=dtype)
+        flat = part1_a
+        nblk = (K * E + RED_BLOCK - 1) // RED_BLOCK
+        with nogil, parallel():
+            for c in prange(nch1, schedule='dynamic'):
+                _small_cin_dw(features, ground, grad_out, win, c * FWD_CHUNK,
+                              min(c * FWD_CHUNK + FWD_CHUNK, n_out), cin, cout, &flat[c, 0])
+            barrier()
+            for t in prange(nblk, schedule='static'):   # chunk partials in a fixed order
+                e0 = t * RED_BLOCK
+                dst = &gw[0, 0, 0]
+                src = &flat[0, 0]
+                for e in range(e0, min(e0 + RED_BLOCK, K * E)):
+                    dst[e] = src[e]
+                for c in range(1, nch1):
+                    src = &flat[c, 0]
+                    for e in range(e0, min(e0 + RED_BLOCK, K * E)):
+                        dst[e] += src[e]
+        return None, gw_a
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
     m_a = np.diff(np.asarray(offsets))
@@ -216,33 +269,39 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     cdef const int64_t[::1] base = base_a
     cdef floating[:, ::1] gx = gx_a
     cdef floating[:, :, ::1] part = part_a
-    with nogil:
-        for i in prange(gx.shape[0], schedule='static'):   # zero (and first-touch) in parallel
-            for ci in range(cin):
-                gx[i, ci] = 0
-    cdef Py_ssize_t c, a, nk
+    cdef Py_ssize_t nk
     cdef floating* xbuf
     cdef floating* gbuf
     cdef floating* dxbuf
-    if total:
-        with nogil, parallel():
-            xbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
-            gbuf = <floating*>malloc(maxrows * cout * sizeof(floating))
-            dxbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
-            for k in range(K):
-                nk = nch[k]
-                for c in prange(nk, schedule='dynamic'):
-                    a = offsets[k] + c * rows[k]
-                    _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
-                               &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
-                               cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0],
-                               grad_input)
-                barrier()   # offset k + 1 scatters into the same rows
-            free(xbuf)
-            free(gbuf)
-            free(dxbuf)
-    gw_a = np.zeros((K, cin, cout), dtype=dtype)
-    for k in range(K):      # chunk partials summed in a fixed order
-        if base_a[k + 1] > base_a[k]:
-            part_a[base_a[k]:base_a[k + 1]].sum(axis=0, out=gw_a[k])
+    with nogil, parallel():
+        for i in prange(gx.shape[0], schedule='static'):   # zero (and first-touch) in parallel
+            for ci in range(cin):
+                gx[i, ci] = 0
+        barrier()
+        xbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
+        gbuf = <floating*>malloc(maxrows * cout * sizeof(floating))
+        dxbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
+        for k in range(K):
+            nk = nch[k]
+            for c in prange(nk, schedule='dynamic'):
+                a = offsets[k] + c * rows[k]
+                _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
+                           &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
+                           cin, cout, xbuf, gbuf, dxbuf, &gx[0, 0], &part[base[k] + c, 0, 0],
+                           grad_input)
+            barrier()   # offset k + 1 scatters into the same rows
+        free(xbuf)
+        free(gbuf)
+        free(dxbuf)
+        # weight gradient of offset k: its chunk partials, summed in chunk order
+        for t in prange(K * nblk, schedule='static'):
+            kk = t // nblk
+            e0 = (t % nblk) * RED_BLOCK
+            dst = &gw[kk, 0, 0]
+            for e in range(e0, min(e0 + RED_BLOCK, E)):
+                dst[e] = 0
+            for c in range(base[kk], base[kk + 1]):
+                src = &part[c, 0, 0]
+                for e in range(e0, min(e0 + RED_BLOCK, E)):
+                    dst[e] += src[e]
     return (gx_a if grad_input else None), gw_a
