@@ -66,7 +66,7 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
                              int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
                              int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
                              int32_t* ocoords, int32_t* tri, int64_t* count,
-                             Py_ssize_t* n_pairs) noexcept nogil:
+                             int64_t* n_pairs) noexcept nogil:
     """Outputs and pairs of the inputs perm[a:b] (rows a:b if perm is NULL: one sample) with
     a private hash table of local keys (the output's row-major index within the sample).
 
@@ -212,7 +212,7 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
                 np.zeros(K + 1, np.int64))
     # group the rows by sample: usually they already are (every geometry this library
     # makes is ordered by sample); otherwise a stable counting sort
-    cdef Py_ssize_t B = 0, bb, r0, q, biggest = 0, t, kk, tid
+    cdef Py_ssize_t B = 0, bb, r0, q, biggest = 0, t, kk
     cdef bint grouped = True
     with nogil:
         for q in range(n):
@@ -226,7 +226,7 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int64_t[::1] work = work_a
     cdef int64_t* bstart = &work[0]
     cdef int64_t* nout = bstart + B + 1
-    cdef Py_ssize_t* npairs = <Py_ssize_t*>(nout + B)
+    cdef int64_t* npairs = nout + B
     cdef int64_t* obase = nout + 2 * B
     cdef int64_t* count = obase + B + 1
     cdef int64_t* pos = count + B * K
@@ -248,7 +248,8 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int cap_bits = _log2_capacity(biggest)
     # sample b's outputs and pairs go to rows bstart[b] * per_in ..., then to their global
     # places; n * per_in bounds both (it is the number of pairs unless windows leave the
-    # grid). The results are views of these: one parallel region, no reallocation.
+    # grid), so the pair arrays are returned as views; the output coordinates, usually far
+    # fewer, are copied out so that the geometry does not keep the whole buffer.
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     out_coords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     tri_a = np.empty((n * per_in, 3), dtype=np.int32)
@@ -298,7 +299,7 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     free(perm)
     _numbering(B, K, nout, count, obase, &offsets[0], pos)
     cdef Py_ssize_t n_out = obase[B], P = offsets[K]
-    return out_coords_a[:n_out], in_a[:P], out_a[:P], offsets_a
+    return out_coords_a[:n_out].copy(), in_a[:P], out_a[:P], offsets_a
 
 
 def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
