@@ -205,6 +205,17 @@ cdef void _small_cin_dw(const floating[:, ::1] x, const floating[::1] g,
                     _axpy(x[i, ci] - g[ci], &gy[o, 0], dw + (k * cin + ci) * cout, cout)
 
 
+cdef void _sum_partials(const floating* part, Py_ssize_t stride, Py_ssize_t n,
+                        Py_ssize_t e0, Py_ssize_t e1, floating* dst) noexcept nogil:
+    """dst[e] = sum over c < n of part[c * stride + e], for e0 <= e < e1, in order of c
+    (a fixed order: the weight gradient does not depend on the number of threads)."""
+    cdef Py_ssize_t c, e
+    for e in range(e0, e1):
+        dst[e] = 0
+    for c in range(n):
+        _add(part + c * stride + e0, dst + e0, e1 - e0)
+
+
 def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
                   const floating[::1] ground, const floating[:, ::1] grad_out,
                   const int32_t[::1] in_idx, const int32_t[::1] out_idx,
@@ -228,15 +239,13 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     dtype = np.float32 if floating is float else np.float64
     gw_a = np.empty((K, cin, cout), dtype=dtype)
     cdef floating[:, :, ::1] gw = gw_a
-    cdef Py_ssize_t E = cin * cout, e, e0, nblk = (E + RED_BLOCK - 1) // RED_BLOCK, t, c, a, kk
+    cdef Py_ssize_t E = cin * cout, e0, nblk = (E + RED_BLOCK - 1) // RED_BLOCK, t, c, a, kk
     cdef const int32_t[:, ::1] win
     cdef floating[:, ::1] flat
-    cdef floating* src
-    cdef floating* dst
     if window is not None and not grad_input and cin < SMALL_CIN:
         win = window
         nch1 = max((n_out + FWD_CHUNK - 1) // FWD_CHUNK, 1)
-        part1_a = np.zeros((nch1, K * E), dtype=dtype)
+        part1_a = np.empty((nch1, K * E), dtype=dtype)      # each chunk zeroes its own
         flat = part1_a
         nblk = (K * E + RED_BLOCK - 1) // RED_BLOCK
         with nogil, parallel():
@@ -246,14 +255,8 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
             barrier()
             for t in prange(nblk, schedule='static'):   # chunk partials in a fixed order
                 e0 = t * RED_BLOCK
-                dst = &gw[0, 0, 0]
-                src = &flat[0, 0]
-                for e in range(e0, min(e0 + RED_BLOCK, K * E)):
-                    dst[e] = src[e]
-                for c in range(1, nch1):
-                    src = &flat[c, 0]
-                    for e in range(e0, min(e0 + RED_BLOCK, K * E)):
-                        dst[e] += src[e]
+                _sum_partials(&flat[0, 0], K * E, nch1, e0, min(e0 + RED_BLOCK, K * E),
+                              &gw[0, 0, 0])
         return None, gw_a
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
@@ -297,11 +300,6 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
         for t in prange(K * nblk, schedule='static'):
             kk = t // nblk
             e0 = (t % nblk) * RED_BLOCK
-            dst = &gw[kk, 0, 0]
-            for e in range(e0, min(e0 + RED_BLOCK, E)):
-                dst[e] = 0
-            for c in range(base[kk], base[kk + 1]):
-                src = &part[c, 0, 0]
-                for e in range(e0, min(e0 + RED_BLOCK, E)):
-                    dst[e] += src[e]
+            _sum_partials(&part[base[kk], 0, 0], E, base[kk + 1] - base[kk], e0,
+                          min(e0 + RED_BLOCK, E), &gw[kk, 0, 0])
     return (gx_a if grad_input else None), gw_a
