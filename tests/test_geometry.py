@@ -238,6 +238,23 @@ def test_conv_rulebook_same_pairs_grouped_or_not(rng):
     assert (rulebook_triples(coords, *a[:4]) == rulebook_triples(grouped, *b[:4]))
 
 
+@pytest.mark.parametrize("f,s", [(3, 1), (2, 2), (3, 2), (2, 3), (1, 1)])
+def test_conv_rulebook_2d_path_equals_generic(f, s, rng):
+    """d == 2 has its own loop. Embedded in d == 3 (a leading dimension of size f, all sites
+    at 0 there: one output position, offset numbers unchanged) the generic loop must give
+    the very same arrays, order included."""
+    spatial = (3 * s + f, 2 * s + f + 1)
+    coords = random_unique_sites(rng, 3, spatial, 0.4)
+    lifted = np.insert(coords, 1, 0, axis=1)
+    a = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s)
+    b = _cpu.build_conv_rulebook(lifted, shape_arr((f,) + spatial), f, s)
+    np.testing.assert_array_equal(np.insert(a[0], 1, 0, axis=1), b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[2], b[2])
+    np.testing.assert_array_equal(a[3], b[3][:f * f + 1])
+    assert (b[3][f * f:] == b[3][-1]).all()
+
+
 def test_conv_rulebook_offset_numbering_by_hand():
     """One site at (1, 2) of a 4x4 grid, f=3, s=1: it is in 4 windows with known offsets."""
     coords = np.array([[0, 1, 2]], np.int32)

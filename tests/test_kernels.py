@@ -154,8 +154,8 @@ def _check_index_arrays(rb):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cin,cout", [(1, 1), (3, 5), (4, 2), (9, 6)],
-                         ids=["cin1", "cin3-direct", "cin4-blas", "cin9-blas"])
+@pytest.mark.parametrize("cin,cout", [(1, 1), (2, 4), (3, 5), (4, 2), (9, 6)],
+                         ids=["cin1", "cin2-direct", "cin3-direct", "cin4-blas", "cin9-blas"])
 @pytest.mark.parametrize("rb_name", list(RULEBOOKS))
 def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
     rb = RULEBOOKS[rb_name](rng)
@@ -187,7 +187,7 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cin", [1, 3])
+@pytest.mark.parametrize("cin", [1, 2, 3])
 @pytest.mark.parametrize("rb_name", list(RULEBOOKS))
 def test_conv_backward_window_path(rb_name, cin, dtype, rng):
     """Few input channels, no input gradient: with the window the weight gradient goes

@@ -61,6 +61,14 @@ cdef inline void _sub(const floating* x, const floating* g, floating* y,
         scn_sub_double(x, g, y, n)
 
 
+cdef inline Py_ssize_t _fwd_rows(Py_ssize_t m) noexcept nogil:
+    """Rows per forward task for an offset with m pairs: FWD_CHUNK, but at least 8 tasks
+    (rounded to 16 rows, at least 32) when m is small, so that the last layers' few pairs
+    still keep every thread busy. Depends on m only, never on the number of threads."""
+    cdef Py_ssize_t r = ((m + 7) // 8 + 15) // 16 * 16
+    return min(<Py_ssize_t>FWD_CHUNK, max(<Py_ssize_t>32, r))
+
+
 cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
                      const int32_t* in_idx, const int32_t* out_idx, Py_ssize_t r,
                      int cin, int cout, floating* gbuf, floating* ybuf,
@@ -74,26 +82,75 @@ cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
         _add(ybuf + t * cout, out + <Py_ssize_t>out_idx[t] * cout, cout)
 
 
-cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, :, ::1] w,
-                             const floating[::1] bias, const floating[::1] g,
-                             const int32_t[:, ::1] win, floating[:, ::1] out) noexcept nogil:
-    """Few input channels: go output by output over the window (build_window) and
-    accumulate each output row once, instead of K scattered passes over the whole output.
-    Same sums in the same order (bias, then offsets ascending) as the per-offset path."""
-    cdef Py_ssize_t n_out = out.shape[0], o, ci
-    cdef int K = w.shape[0], cin = w.shape[1], cout = w.shape[2], k
+cdef void _im2col(const floating* xg, Py_ssize_t n_in, const int32_t[:, ::1] win,
+                  Py_ssize_t o0, Py_ssize_t r, int cin, floating* a, int lda) noexcept nogil:
+    """a[t, k * cin + ci] = xg[win[o0 + t, k], ci] for t < r, where xg (n_in + 1, cin) holds
+    features - ground and a last row of zeros, taken where the window has no input
+    (win < 0): the outputs' windows as the rows of a matrix (row stride lda). Branch-free:
+    which offsets are present varies from output to output without pattern."""
+    cdef int K = win.shape[1], k, ci
+    cdef Py_ssize_t t
     cdef int32_t i
-    cdef floating* orow
-    for o in prange(n_out, schedule='static'):
-        orow = &out[o, 0]
-        for ci in range(cout):
-            orow[ci] = bias[ci]
-        for k in range(K):
-            i = win[o, k]
-            if i < 0:
-                continue
-            for ci in range(cin):
-                _axpy(x[i, ci] - g[ci], &w[k, ci, 0], orow, cout)
+    cdef const floating* src
+    cdef floating* dst
+    for t in range(r):
+        dst = a + t * lda
+        # cin written out for 1 and 2: a variable-length copy of a few floats becomes a
+        # memcpy call per window entry
+        if cin == 1:
+            for k in range(K):
+                i = win[o0 + t, k]
+                dst[k] = xg[<Py_ssize_t>i if i >= 0 else n_in]
+        elif cin == 2:
+            for k in range(K):
+                i = win[o0 + t, k]
+                src = xg + 2 * (<Py_ssize_t>i if i >= 0 else n_in)
+                dst[2 * k] = src[0]
+                dst[2 * k + 1] = src[1]
+        else:
+            for k in range(K):
+                i = win[o0 + t, k]
+                src = xg + (<Py_ssize_t>i if i >= 0 else n_in) * cin
+                for ci in range(cin):
+                    dst[k * cin + ci] = src[ci]
+
+
+cdef inline void _xg_row(const floating[:, ::1] x, const floating[::1] g, Py_ssize_t i,
+                         floating* xg) noexcept nogil:
+    """Row i of the table xg (n_in + 1, cin) that _im2col reads: features - ground, and a last
+    row of zeros."""
+    cdef Py_ssize_t n_in = x.shape[0]
+    cdef int cin = x.shape[1], ci
+    for ci in range(cin):
+        xg[i * cin + ci] = x[i, ci] - g[ci] if i < n_in else 0
+
+
+cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb,
+                             const floating[::1] g, const int32_t[:, ::1] win,
+                             floating[:, ::1] out) noexcept nogil:
+    """Few input channels: per chunk of outputs, their windows as the rows of a matrix A
+    (zeros where an offset has no input, then a column of ones), and out = A @ wb with wb =
+    [weight as (K * C_in, C_out); bias]. With C_in this small the zeros cost little, while
+    K scattered passes over the whole output (or a branch per window entry) cost much."""
+    cdef Py_ssize_t n_out = out.shape[0], n_in = x.shape[0], i
+    cdef Py_ssize_t nch = (n_out + FWD_CHUNK - 1) // FWD_CHUNK, c, o0, r, t
+    cdef int KC = wb.shape[0], cout = wb.shape[1], cin = x.shape[1], ci
+    cdef floating* abuf
+    cdef floating* xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
+    with parallel():
+        for i in prange(n_in + 1, schedule='static'):
+            _xg_row(x, g, i, xg)
+        barrier()
+        abuf = <floating*>malloc(FWD_CHUNK * KC * sizeof(floating))
+        for c in prange(nch, schedule='static'):
+            o0 = c * FWD_CHUNK
+            r = min(FWD_CHUNK, n_out - o0)
+            _im2col(xg, n_in, win, o0, r, cin, abuf, KC)
+            for t in range(r):
+                abuf[t * KC + KC - 1] = 1
+            _gemm_nn(<int>r, cout, KC, abuf, &wb[0, 0], <floating>0, &out[o0, 0])
+        free(abuf)
+    free(xg)
 
 
 def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
@@ -114,18 +171,22 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, cout), dtype=dtype)
     cdef floating[:, ::1] out = out_a
-    cdef Py_ssize_t c, a, m, nch, o, co
+    cdef Py_ssize_t c, a, m, nch, o, co, rows
     cdef floating* gbuf
     cdef floating* ybuf
     if n_out == 0:
         return out_a
     cdef const int32_t[:, ::1] win
+    cdef const floating[:, ::1] wb
     if cin < SMALL_CIN and in_idx.shape[0]:
         if window is None:
             window = build_window(in_idx, out_idx, offsets, n_out)
         win = window
+        wb_a = np.concatenate([np.asarray(weight).reshape(K * cin, cout),
+                               np.asarray(bias).reshape(1, cout)])
+        wb = wb_a
         with nogil:
-            _small_cin_forward(features, weight, bias, ground, win, out)
+            _small_cin_forward(features, wb, ground, win, out)
         return out_a
     with nogil:
         for o in prange(n_out, schedule='static'):   # every output starts from bias
@@ -138,11 +199,12 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
         ybuf = <floating*>malloc(FWD_CHUNK * cout * sizeof(floating))
         for k in range(K):
             m = offsets[k + 1] - offsets[k]
-            nch = (m + FWD_CHUNK - 1) // FWD_CHUNK
+            rows = _fwd_rows(m)
+            nch = (m + rows - 1) // rows
             for c in prange(nch, schedule='dynamic'):
-                a = offsets[k] + c * FWD_CHUNK
+                a = offsets[k] + c * rows
                 _fwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &in_idx[a],
-                           &out_idx[a], min(FWD_CHUNK, offsets[k + 1] - a), cin, cout,
+                           &out_idx[a], min(rows, offsets[k + 1] - a), cin, cout,
                            gbuf, ybuf, &out[0, 0])
             barrier()       # offset k + 1 scatters into the same rows
         free(gbuf)
@@ -186,25 +248,6 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
         _add(dxbuf + t * cin, gx + <Py_ssize_t>in_idx[t] * cin, cin)
 
 
-cdef void _small_cin_dw(const floating[:, ::1] x, const floating[::1] g,
-                       const floating[:, ::1] gy, const int32_t[:, ::1] win, Py_ssize_t o0,
-                       Py_ssize_t o1, int cin, int cout, floating* dw) noexcept nogil:
-    """dw[k] = sum over outputs o0 <= o < o1 and their pairs (i, k) of (x[i] - g) gy[o]^T:
-    the weight gradient of a few-input-channel convolution, output by output (each gy row is
-    read once, not once per offset). dw: (K, cin, cout), overwritten."""
-    cdef int K = win.shape[1], k, ci
-    cdef Py_ssize_t o, e
-    cdef int32_t i
-    for e in range(K * cin * cout):
-        dw[e] = 0
-    for o in range(o0, o1):
-        for k in range(K):
-            i = win[o, k]
-            if i >= 0:
-                for ci in range(cin):
-                    _axpy(x[i, ci] - g[ci], &gy[o, 0], dw + (k * cin + ci) * cout, cout)
-
-
 cdef void _sum_partials(const floating* part, Py_ssize_t stride, Py_ssize_t n,
                         Py_ssize_t e0, Py_ssize_t e1, floating* dst) noexcept nogil:
     """dst[e] = sum over c < n of part[c * stride + e], for e0 <= e < e1, in order of c
@@ -239,24 +282,41 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     dtype = np.float32 if floating is float else np.float64
     gw_a = np.empty((K, cin, cout), dtype=dtype)
     cdef floating[:, :, ::1] gw = gw_a
-    cdef Py_ssize_t E = cin * cout, e0, nblk = (E + RED_BLOCK - 1) // RED_BLOCK, t, c, a, kk
+    cdef Py_ssize_t E = cin * cout, e0, nblk = (E + RED_BLOCK - 1) // RED_BLOCK, t, c, a, kk, i
     cdef const int32_t[:, ::1] win
     cdef floating[:, ::1] flat
+    cdef floating* xg
+    cdef floating* abuf
     if window is not None and not grad_input and cin < SMALL_CIN:
+        # few input channels: dw = sum over chunks of outputs of A^T gy, A the chunk's
+        # windows as rows (_im2col), partials summed in chunk order
         win = window
         nch1 = max((n_out + FWD_CHUNK - 1) // FWD_CHUNK, 1)
-        part1_a = np.empty((nch1, K * E), dtype=dtype)      # each chunk zeroes its own
+        part1_a = np.empty((nch1, K * E), dtype=dtype)
         flat = part1_a
         nblk = (K * E + RED_BLOCK - 1) // RED_BLOCK
+        xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
         with nogil, parallel():
-            for c in prange(nch1, schedule='dynamic'):
-                _small_cin_dw(features, ground, grad_out, win, c * FWD_CHUNK,
-                              min(c * FWD_CHUNK + FWD_CHUNK, n_out), cin, cout, &flat[c, 0])
+            for i in prange(n_in + 1, schedule='static'):
+                _xg_row(features, ground, i, xg)
+            barrier()
+            abuf = <floating*>malloc(FWD_CHUNK * K * cin * sizeof(floating))
+            for c in prange(nch1, schedule='static'):
+                a = min(FWD_CHUNK, n_out - c * FWD_CHUNK)
+                if a <= 0:      # no outputs at all: one zero partial
+                    for e0 in range(K * E):
+                        flat[c, e0] = 0
+                    continue
+                _im2col(xg, n_in, win, c * FWD_CHUNK, a, cin, abuf, K * cin)
+                _gemm_tn(K * cin, cout, <int>a, abuf, &grad_out[c * FWD_CHUNK, 0],
+                         <floating>0, &flat[c, 0])
+            free(abuf)
             barrier()
             for t in prange(nblk, schedule='static'):   # chunk partials in a fixed order
                 e0 = t * RED_BLOCK
                 _sum_partials(&flat[0, 0], K * E, nch1, e0, min(e0 + RED_BLOCK, K * E),
                               &gw[0, 0, 0])
+        free(xg)
         return None, gw_a
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
@@ -265,7 +325,7 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     nch_a = -(-m_a // rows_a)
     base_a = np.zeros(K + 1, dtype=np.int64)
     np.cumsum(nch_a, out=base_a[1:])
-    cdef Py_ssize_t total = base_a[K], maxrows = int(rows_a.max()) if K else 1, i, ci
+    cdef Py_ssize_t total = base_a[K], maxrows = int(rows_a.max()) if K else 1, ci
     part_a = np.empty((max(total, 1), cin, cout), dtype=dtype)
     cdef const int64_t[::1] rows = rows_a
     cdef const int64_t[::1] nch = nch_a

@@ -12,7 +12,7 @@ from libc.stdlib cimport free, malloc
 
 import numpy as np
 
-from ._hash cimport _get_or_insert, _lookup, _pack
+from ._hash cimport _get_or_insert, _lookup, _pack, _slot
 from ._omp cimport barrier
 
 cdef enum:
@@ -62,18 +62,112 @@ def build_hash(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape):
     return keys_a, vals_a, inv_a, int(n_unique)
 
 
+cdef int _grow(int64_t* keys, int32_t* vals, const int64_t* okeys, int32_t n_out,
+               int bits) noexcept nogil:
+    """Double a table of 2**bits slots holding the n_out keys okeys (values 0..n_out-1) and
+    re-insert them; returns the new bits."""
+    cdef Py_ssize_t h, cap = <Py_ssize_t>1 << (bits + 1)
+    for h in range(cap):
+        keys[h] = -1
+    for h in range(n_out):
+        _get_or_insert(keys, vals, cap - 1, 63 - bits, okeys[h], <int32_t>h)
+    return bits + 1
+
+
+cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape, int f, int s,
+                                int sh, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
+                                int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
+                                int32_t* ocoords, int32_t* tri, int64_t* count,
+                                int64_t* lcount, int K, int64_t* n_pairs) noexcept nogil:
+    """_conv_sample for d == 2 (the common case): the same outputs, pairs and order, with the
+    two candidate loops written out, so that everything stays in registers."""
+    cdef int bits = _log2_capacity(b - a)
+    cdef Py_ssize_t cap, mask, q, h, P = 0, i
+    cdef int shift
+    cdef int64_t H = out_shape[0], W = out_shape[1], key, rowkey
+    cdef int y, x, lo0, hi0, lo1, hi1, oy, ox, k, krow, batch
+    cdef int32_t n_out = 0, o
+    if bits > max_bits:
+        bits = max_bits
+    cap = <Py_ssize_t>1 << bits
+    mask = cap - 1
+    shift = 64 - bits
+    for q in range(cap):
+        keys[q] = -1
+    for q in range(K):
+        lcount[q] = 0
+    for q in range(a, b):
+        i = q if perm == NULL else perm[q]
+        batch = coords[3 * i]
+        y = coords[3 * i + 1]
+        x = coords[3 * i + 2]
+        if sh >= 0:
+            lo0 = 0 if y - f + 1 <= 0 else (y - f + s) >> sh
+            hi0 = y >> sh
+            lo1 = 0 if x - f + 1 <= 0 else (x - f + s) >> sh
+            hi1 = x >> sh
+        else:
+            lo0 = 0 if y - f + 1 <= 0 else (y - f + s) // s
+            hi0 = y // s
+            lo1 = 0 if x - f + 1 <= 0 else (x - f + s) // s
+            hi1 = x // s
+        if hi0 > H - 1:
+            hi0 = <int>H - 1
+        if hi1 > W - 1:
+            hi1 = <int>W - 1
+        for oy in range(lo0, hi0 + 1):
+            rowkey = oy * W
+            krow = (y - oy * s) * f + x
+            for ox in range(lo1, hi1 + 1):
+                key = rowkey + ox
+                k = krow - ox * s
+                h = _slot(key, shift)
+                while True:
+                    if keys[h] == key:
+                        o = vals[h]
+                        break
+                    if keys[h] == -1:
+                        o = n_out
+                        keys[h] = key
+                        vals[h] = o
+                        okeys[o] = key
+                        ocoords[3 * o] = batch
+                        ocoords[3 * o + 1] = oy
+                        ocoords[3 * o + 2] = ox
+                        n_out += 1
+                        if 2 * n_out >= cap and bits < max_bits:
+                            bits = _grow(keys, vals, okeys, n_out, bits)
+                            cap = cap * 2
+                            mask = cap - 1
+                            shift = 64 - bits
+                        break
+                    h = (h + 1) & mask
+                tri[3 * P] = k
+                tri[3 * P + 1] = <int32_t>i
+                tri[3 * P + 2] = o
+                lcount[k] += 1
+                P += 1
+    for q in range(K):
+        count[q] = lcount[q]
+    n_pairs[0] = P
+    return n_out
+
+
 cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
                              int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
                              int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
                              int32_t* ocoords, int32_t* tri, int64_t* count,
-                             int64_t* n_pairs) noexcept nogil:
+                             int64_t* lcount, int K, int64_t* n_pairs) noexcept nogil:
     """Outputs and pairs of the inputs perm[a:b] (rows a:b if perm is NULL: one sample) with
     a private hash table of local keys (the output's row-major index within the sample).
 
     The table starts small and doubles at load 1/2 (at most 2**max_bits slots), so it stays
     in cache; candidate keys and offsets are updated incrementally along the odometer.
     Writes local output coords (in order of first appearance) to ocoords and (k, i, o_local)
-    triples to tri; counts pairs per offset. Returns the number of outputs."""
+    triples to tri; counts pairs per offset into count (K entries). The counting goes to a
+    thread-private buffer lcount first: neighbouring samples' rows of count share cache
+    lines, and another thread writing there on every pair made the counts a false-sharing
+    hot spot. Returns the number of outputs."""
     cdef int bits = _log2_capacity(b - a)
     cdef Py_ssize_t cap, mask, q, P = 0, h
     cdef int shift, j, p, skip, sh = -1
@@ -100,6 +194,8 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
         fstride[j] = fstride[j + 1] * f
     for q in range(cap):
         keys[q] = -1
+    for q in range(K):
+        lcount[q] = 0
     for q in range(a, b):
         i = q if perm == NULL else perm[q]
         skip = 0
@@ -134,20 +230,16 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
                     ocoords[o * (d + 1) + 1 + j] = cur[j]
                 n_out += 1
                 if 2 * n_out >= cap and bits < max_bits:    # grow: rehash the outputs
-                    bits += 1
+                    bits = _grow(keys, vals, okeys, n_out, bits)
                     cap = cap * 2
                     mask = cap - 1
                     shift = 64 - bits
-                    for h in range(cap):
-                        keys[h] = -1
-                    for h in range(n_out):
-                        _get_or_insert(keys, vals, mask, shift, okeys[h], <int32_t>h)
             else:
                 o = r
             tri[3 * P] = k
             tri[3 * P + 1] = <int32_t>i
             tri[3 * P + 2] = o
-            count[k] += 1
+            lcount[k] += 1
             P += 1
             # odometer over the candidate outputs, last dimension fastest
             j = d - 1
@@ -163,6 +255,8 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
                 j -= 1
             if j < 0:
                 break
+    for q in range(K):
+        count[q] = lcount[q]
     n_pairs[0] = P
     return n_out
 
@@ -246,6 +340,11 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
                 perm[npairs[coords[q, 0]]] = q
                 npairs[coords[q, 0]] += 1
     cdef int cap_bits = _log2_capacity(biggest)
+    cdef int sh = -1       # log2(s) if s is a power of two
+    if s & (s - 1) == 0:
+        sh = 0
+        while (1 << sh) < s:
+            sh += 1
     # sample b's outputs and pairs go to rows bstart[b] * per_in ..., then to their global
     # places; n * per_in bounds both (it is the number of pairs unless windows leave the
     # grid), so the pair arrays are returned as views; the output coordinates, usually far
@@ -266,18 +365,27 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int32_t* vals
     cdef int64_t* okeys
     cdef int64_t* mypos
+    cdef int64_t* lcount
     with nogil, parallel():
         # sized for the worst case; pages are touched only as far as a table grows
         keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
         vals = <int32_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int32_t))
         okeys = <int64_t*>malloc(max(biggest, 1) * sizeof(int64_t))
+        lcount = <int64_t*>malloc(K * sizeof(int64_t))
         for bb in prange(B, schedule='dynamic'):
             r0 = bstart[bb] * per_in
+            if d == 2:
+                nout[bb] = _conv_sample_2d(&coords[0, 0], out_shape, f, s, sh, perm, bstart[bb],
+                                           bstart[bb + 1], cap_bits, keys, vals, okeys,
+                                           &ocoords[r0, 0], &tri[r0, 0], count + bb * K,
+                                           lcount, K, &npairs[bb])
+                continue
             nout[bb] = _conv_sample(coords, out_shape, d, f, s, perm, bstart[bb],
                                     bstart[bb + 1], cap_bits, keys, vals, okeys,
                                     &ocoords[r0, 0], &tri[r0, 0], count + bb * K,
-                                    &npairs[bb])
+                                    lcount, K, &npairs[bb])
         free(keys)
+        free(lcount)
         free(vals)
         free(okeys)
         barrier()   # every sample done; then each thread numbers privately (B x K is small)
