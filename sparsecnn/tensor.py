@@ -436,22 +436,24 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
         bad = int(np.argwhere(~np.isfinite(f))[0, 0])
         raise ValueError(f"features contain NaN or Inf (first at row {bad}); pass "
                          f"allow_nonfinite=True to accept them")
-    # coordinate ranges
+    # coordinate ranges: per column, as 1-D reductions (numpy's axis-0 reductions over a few
+    # int columns are some 50x slower); the offending row is looked for only on failure
     if n:
-        if (c[:, 0] < 0).any():
+        lo = [c[:, j].min() for j in range(1 + d)]
+        hi = [c[:, j].max() for j in range(1 + d)]
+        if lo[0] < 0:
             row = int(np.argmax(c[:, 0] < 0))
             raise ValueError(f"coords[{row}] has a negative batch index {int(c[row, 0])}")
-        if (c[:, 0] > _INT32_MAX).any():
+        if hi[0] > _INT32_MAX:
             row = int(np.argmax(c[:, 0] > _INT32_MAX))
             raise ValueError(f"coords[{row}] has batch index {int(c[row, 0])}; batch indices "
                              f"must be below 2**31")
-        lim = np.asarray(shape)
-        bad = (c[:, 1:] < 0) | (c[:, 1:] >= lim)
-        if bad.any():
+        if any(lo[1 + j] < 0 or hi[1 + j] >= shape[j] for j in range(d)):
+            bad = (c[:, 1:] < 0) | (c[:, 1:] >= np.asarray(shape))
             row, j = (int(v) for v in np.argwhere(bad)[0])
             raise ValueError(f"coords[{row}] = {c[row].tolist()} is outside the grid: "
                              f"coordinate {j} must be in [0, {shape[j]})")
-    max_b = int(c[:, 0].max()) + 1 if n else 0
+    max_b = int(hi[0]) + 1 if n else 0
     if batch_size is None:
         batch_size = max_b
     else:
