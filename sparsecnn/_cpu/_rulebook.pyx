@@ -9,6 +9,7 @@ lets the kernels scatter without atomics.
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -77,12 +78,13 @@ cdef int _grow(int64_t* keys, int32_t* vals, const int64_t* okeys, int32_t n_out
 cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape, int f, int s,
                                 int sh, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
                                 int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
-                                int32_t* ocoords, int32_t* tri, int64_t* count,
-                                int64_t* lcount, int K, int64_t* n_pairs) noexcept nogil:
+                                int32_t* ocoords, int32_t* lin, int32_t* lout,
+                                int64_t* count, int64_t* lcount, int K,
+                                int64_t* n_pairs) noexcept nogil:
     """_conv_sample for d == 2 (the common case): the same outputs, pairs and order, with the
     two candidate loops written out, so that everything stays in registers."""
     cdef int bits = _log2_capacity(b - a)
-    cdef Py_ssize_t cap, mask, q, h, P = 0, i
+    cdef Py_ssize_t cap, mask, q, h, P = 0, i, nb = b - a
     cdef int shift
     cdef int64_t H = out_shape[0], W = out_shape[1], key, rowkey
     cdef int y, x, lo0, hi0, lo1, hi1, oy, ox, k, krow, batch
@@ -142,9 +144,9 @@ cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape,
                             shift = 64 - bits
                         break
                     h = (h + 1) & mask
-                tri[3 * P] = k
-                tri[3 * P + 1] = <int32_t>i
-                tri[3 * P + 2] = o
+                h = k * nb + lcount[k]
+                lin[h] = <int32_t>i
+                lout[h] = o
                 lcount[k] += 1
                 P += 1
     for q in range(K):
@@ -156,20 +158,23 @@ cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape,
 cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
                              int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
                              int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
-                             int32_t* ocoords, int32_t* tri, int64_t* count,
-                             int64_t* lcount, int K, int64_t* n_pairs) noexcept nogil:
+                             int32_t* ocoords, int32_t* lin, int32_t* lout,
+                             int64_t* count, int64_t* lcount, int K,
+                             int64_t* n_pairs) noexcept nogil:
     """Outputs and pairs of the inputs perm[a:b] (rows a:b if perm is NULL: one sample) with
     a private hash table of local keys (the output's row-major index within the sample).
 
     The table starts small and doubles at load 1/2 (at most 2**max_bits slots), so it stays
     in cache; candidate keys and offsets are updated incrementally along the odometer.
-    Writes local output coords (in order of first appearance) to ocoords and (k, i, o_local)
-    triples to tri; counts pairs per offset into count (K entries). The counting goes to a
-    thread-private buffer lcount first: neighbouring samples' rows of count share cache
-    lines, and another thread writing there on every pair made the counts a false-sharing
-    hot spot. Returns the number of outputs."""
+    Writes local output coords (in order of first appearance) to ocoords, and the pairs of
+    offset k to lin/lout[k * nb ...] (input row, local output; nb = b - a inputs, and an
+    input has at most one pair per offset), so that they are already grouped by offset;
+    counts pairs per offset into count (K entries). The counting goes to a thread-private
+    buffer lcount first: neighbouring samples' rows of count share cache lines, and another
+    thread writing there on every pair made the counts a false-sharing hot spot. Returns
+    the number of outputs."""
     cdef int bits = _log2_capacity(b - a)
-    cdef Py_ssize_t cap, mask, q, P = 0, h
+    cdef Py_ssize_t cap, mask, q, P = 0, h, nb = b - a
     cdef int shift, j, p, skip, sh = -1
     cdef int lo[MAX_DIM]
     cdef int hi[MAX_DIM]
@@ -236,9 +241,9 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
                     shift = 64 - bits
             else:
                 o = r
-            tri[3 * P] = k
-            tri[3 * P + 1] = <int32_t>i
-            tri[3 * P + 2] = o
+            h = k * nb + lcount[k]
+            lin[h] = <int32_t>i
+            lout[h] = o
             lcount[k] += 1
             P += 1
             # odometer over the candidate outputs, last dimension fastest
@@ -351,13 +356,13 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     # fewer, are copied out so that the geometry does not keep the whole buffer.
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     out_coords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
-    tri_a = np.empty((n * per_in, 3), dtype=np.int32)
+    lpairs_a = np.empty((2, n * K), dtype=np.int32)   # per sample and offset, at most nb each
     in_a = np.empty(n * per_in, dtype=np.int32)
     out_a = np.empty(n * per_in, dtype=np.int32)
     offsets_a = np.empty(K + 1, dtype=np.int64)
     cdef int32_t[:, ::1] ocoords = ocoords_a
     cdef int32_t[:, ::1] out_coords = out_coords_a
-    cdef int32_t[:, ::1] tri = tri_a
+    cdef int32_t[:, ::1] lpairs = lpairs_a
     cdef int32_t[::1] in_idx = in_a
     cdef int32_t[::1] out_idx = out_a
     cdef int64_t[::1] offsets = offsets_a
@@ -366,6 +371,10 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     cdef int64_t* okeys
     cdef int64_t* mypos
     cdef int64_t* lcount
+    cdef const int32_t* src_in
+    cdef const int32_t* src_out
+    cdef int32_t obase_b
+    cdef Py_ssize_t nb, e
     with nogil, parallel():
         # sized for the worst case; pages are touched only as far as a table grows
         keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
@@ -374,35 +383,39 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
         lcount = <int64_t*>malloc(K * sizeof(int64_t))
         for bb in prange(B, schedule='dynamic'):
             r0 = bstart[bb] * per_in
+            t = bstart[bb] * K
             if d == 2:
                 nout[bb] = _conv_sample_2d(&coords[0, 0], out_shape, f, s, sh, perm, bstart[bb],
                                            bstart[bb + 1], cap_bits, keys, vals, okeys,
-                                           &ocoords[r0, 0], &tri[r0, 0], count + bb * K,
-                                           lcount, K, &npairs[bb])
+                                           &ocoords[r0, 0], &lpairs[0, t], &lpairs[1, t],
+                                           count + bb * K, lcount, K, &npairs[bb])
                 continue
             nout[bb] = _conv_sample(coords, out_shape, d, f, s, perm, bstart[bb],
                                     bstart[bb + 1], cap_bits, keys, vals, okeys,
-                                    &ocoords[r0, 0], &tri[r0, 0], count + bb * K,
-                                    lcount, K, &npairs[bb])
+                                    &ocoords[r0, 0], &lpairs[0, t], &lpairs[1, t],
+                                    count + bb * K, lcount, K, &npairs[bb])
         free(keys)
-        free(lcount)
         free(vals)
         free(okeys)
+        free(lcount)
         barrier()   # every sample done; then each thread numbers privately (B x K is small)
         mypos = <int64_t*>malloc((B * K + B + 1 + K + 1) * sizeof(int64_t))
         _numbering(B, K, nout, count, mypos + B * K, mypos + B * K + B + 1, mypos)
+        # each sample's outputs and its pairs of each offset go to their global places as
+        # contiguous runs (local output numbers shifted by the sample's first output)
         for bb in prange(B, schedule='static'):
             r0 = bstart[bb] * per_in
-            t = mypos[B * K + bb]      # this sample's first output
-            for q in range(nout[bb]):
-                for j in range(d + 1):
-                    out_coords[t + q, j] = ocoords[r0 + q, j]
-            for q in range(r0, r0 + npairs[bb]):
-                kk = tri[q, 0]
+            obase_b = <int32_t>mypos[B * K + bb]
+            memcpy(&out_coords[obase_b, 0], &ocoords[r0, 0],
+                   nout[bb] * (d + 1) * sizeof(int32_t))
+            nb = bstart[bb + 1] - bstart[bb]
+            for kk in range(K):
                 t = mypos[bb * K + kk]
-                in_idx[t] = tri[q, 1]
-                out_idx[t] = <int32_t>(mypos[B * K + bb] + tri[q, 2])
-                mypos[bb * K + kk] = t + 1
+                src_in = &lpairs[0, bstart[bb] * K + kk * nb]
+                src_out = &lpairs[1, bstart[bb] * K + kk * nb]
+                memcpy(&in_idx[t], src_in, count[bb * K + kk] * sizeof(int32_t))
+                for e in range(count[bb * K + kk]):
+                    out_idx[t + e] = src_out[e] + obase_b
         free(mypos)
     free(perm)
     _numbering(B, K, nout, count, obase, &offsets[0], pos)
