@@ -125,7 +125,8 @@ def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
     _check_param(weight, x, "weight", (K, x.channels, weight.shape[2]), what)
     if bias is not None:
         _check_param(bias, x, "bias", (weight.shape[2],), what)
-    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution")
+    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution",
+                                   window=x.channels < SMALL_CIN)
     return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
 
 
@@ -168,7 +169,7 @@ def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
         raise ValueError(f"MaxPooling: negative_slope must be None or a number in [0, 1), "
                          f"got {negative_slope!r}")
     a = None if negative_slope is None else float(negative_slope)
-    rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling")
+    rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling", window=True)
     K = backend.kernels(x.device)
     xp = backend.xp(x.device)
     # active sites only (ground_state=False): a window always holds one, so -inf never wins

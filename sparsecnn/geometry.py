@@ -126,16 +126,22 @@ class Geometry:
             self._table = (keys, vals)
         return self._table
 
-    def conv(self, f: int, s: int, what: str = "Convolution") -> tuple[Rulebook, Geometry]:
-        """Rulebook and output geometry of a valid (f, s) window; cached."""
+    def conv(self, f: int, s: int, what: str = "Convolution",
+             window: bool = False) -> tuple[Rulebook, Geometry]:
+        """Rulebook and output geometry of a valid (f, s) window; cached.
+
+        ``window=True``: the caller will want ``Rulebook.window``; if the rulebook is built
+        now, its window is filled in the same kernel call (cheaper than building it later).
+        """
         key = ("conv", f, s)
         hit = self._cache.get(key)
         if hit is None:
             out_shape = conv_output_shape(self.spatial_shape, f, s, what)
-            oc, in_idx, out_idx, offsets = self.kernels.build_conv_rulebook(
-                self.coords, self.shape_array(), f, s)
+            oc, in_idx, out_idx, offsets, *win = self.kernels.build_conv_rulebook(
+                self.coords, self.shape_array(), f, s, window=window)
             out = Geometry(oc, out_shape, self.batch_size, self.device)
-            rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s)
+            rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s,
+                          win[0] if window else None)
             hit = self._cache[key] = (rb, out)
         return hit
 

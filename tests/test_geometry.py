@@ -255,6 +255,40 @@ def test_conv_rulebook_2d_path_equals_generic(f, s, rng):
     assert (b[3][f * f:] == b[3][-1]).all()
 
 
+@pytest.mark.parametrize("d,f,s,spatial,batch,mode", [
+    (2, 3, 1, (12, 10), 3, "0.2"),
+    (2, 2, 2, (8, 8), 2, "all"),
+    (3, 2, 1, (5, 4, 6), 2, "0.3"),
+    (1, 2, 3, (11,), 2, "0.6"),
+    (2, 2, 2, (6, 6), 3, "empty"),
+])
+def test_conv_rulebook_with_window(d, f, s, spatial, batch, mode, rng):
+    """window=True adds build_window's table, filled by the rulebook kernel itself, and
+    leaves the other four arrays unchanged."""
+    coords = random_unique_sites(rng, batch, spatial, mode)
+    plain = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s)
+    res = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s, window=True)
+    assert len(plain) == 4 and len(res) == 5
+    for a, b in zip(plain, res[:4], strict=True):
+        np.testing.assert_array_equal(a, b)
+    win = res[4]
+    assert win.dtype == np.int32 and win.shape == (len(res[0]), f ** d)
+    np.testing.assert_array_equal(win, _cpu.build_window(res[1], res[2], res[3], len(res[0])))
+
+
+def test_geometry_conv_window_request(rng):
+    """Geometry.conv(..., window=True) hands the kernel's table to the Rulebook; without it
+    the window is built on first use; both agree."""
+    coords = random_unique_sites(rng, 2, (10, 10), 0.3)
+    a = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (10, 10)).geometry
+    b = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (10, 10)).geometry
+    rb_a, _ = a.conv(2, 2, window=True)
+    assert rb_a._window is not None
+    rb_b, _ = b.conv(2, 2)
+    assert rb_b._window is None
+    np.testing.assert_array_equal(rb_a.window, rb_b.window)
+
+
 def test_conv_rulebook_offset_numbering_by_hand():
     """One site at (1, 2) of a 4x4 grid, f=3, s=1: it is in 4 windows with known offsets."""
     coords = np.array([[0, 1, 2]], np.int32)

@@ -285,7 +285,7 @@ cdef void _numbering(Py_ssize_t B, int K, const int64_t* nout, const int64_t* co
 
 
 def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial_shape,
-                        int filter_size, int stride):
+                        int filter_size, int stride, *, bint window=False):
     """Rulebook of a valid convolution / pooling window (f, s) over unique sites.
 
     Output site o is active iff some input site lies in its window [o*s, o*s + f)^d.
@@ -296,6 +296,8 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     private hash table. Outputs are ordered by sample, then by first appearance while
     scanning that sample's inputs in order; pairs of offset k likewise: a deterministic order
     that does not depend on the number of threads.
+    window : also return build_window's (n_out, K) table (a fifth element), filled while
+             the pairs are placed, at less cost than a separate pass.
     """
     cdef Py_ssize_t n = coords.shape[0]
     cdef int d = coords.shape[1] - 1
@@ -307,8 +309,9 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
         per_in *= span
         out_shape[j] = (spatial_shape[j] - f) // s + 1
     if n == 0:
-        return (np.empty((0, 1 + d), np.int32), np.empty(0, np.int32), np.empty(0, np.int32),
-                np.zeros(K + 1, np.int64))
+        empty = (np.empty((0, 1 + d), np.int32), np.empty(0, np.int32), np.empty(0, np.int32),
+                 np.zeros(K + 1, np.int64))
+        return empty + (np.empty((0, K), np.int32),) if window else empty
     # group the rows by sample: usually they already are (every geometry this library
     # makes is ordered by sample); otherwise a stable counting sort
     cdef Py_ssize_t B = 0, bb, r0, q, biggest = 0, t, kk
@@ -355,26 +358,21 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
     # grid), so the pair arrays are returned as views; the output coordinates, usually far
     # fewer, are copied out so that the geometry does not keep the whole buffer.
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
-    out_coords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     lpairs_a = np.empty((2, n * K), dtype=np.int32)   # per sample and offset, at most nb each
-    in_a = np.empty(n * per_in, dtype=np.int32)
-    out_a = np.empty(n * per_in, dtype=np.int32)
-    offsets_a = np.empty(K + 1, dtype=np.int64)
     cdef int32_t[:, ::1] ocoords = ocoords_a
-    cdef int32_t[:, ::1] out_coords = out_coords_a
     cdef int32_t[:, ::1] lpairs = lpairs_a
-    cdef int32_t[::1] in_idx = in_a
-    cdef int32_t[::1] out_idx = out_a
-    cdef int64_t[::1] offsets = offsets_a
     cdef int64_t* keys
     cdef int32_t* vals
     cdef int64_t* okeys
-    cdef int64_t* mypos
     cdef int64_t* lcount
     cdef const int32_t* src_in
     cdef const int32_t* src_out
     cdef int32_t obase_b
     cdef Py_ssize_t nb, e
+    # raw pointers (n > 0, so no array is empty): runs of a sample may end at the very end
+    cdef int32_t* ocp = &ocoords[0, 0]
+    cdef int32_t* lin0 = &lpairs[0, 0]
+    cdef int32_t* lout0 = &lpairs[1, 0]
     with nogil, parallel():
         # sized for the worst case; pages are touched only as far as a table grows
         keys = <int64_t*>malloc((<Py_ssize_t>1 << cap_bits) * sizeof(int64_t))
@@ -387,40 +385,67 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
             if d == 2:
                 nout[bb] = _conv_sample_2d(&coords[0, 0], out_shape, f, s, sh, perm, bstart[bb],
                                            bstart[bb + 1], cap_bits, keys, vals, okeys,
-                                           &ocoords[r0, 0], &lpairs[0, t], &lpairs[1, t],
+                                           ocp + r0 * (d + 1), lin0 + t, lout0 + t,
                                            count + bb * K, lcount, K, &npairs[bb])
                 continue
             nout[bb] = _conv_sample(coords, out_shape, d, f, s, perm, bstart[bb],
                                     bstart[bb + 1], cap_bits, keys, vals, okeys,
-                                    &ocoords[r0, 0], &lpairs[0, t], &lpairs[1, t],
+                                    ocp + r0 * (d + 1), lin0 + t, lout0 + t,
                                     count + bb * K, lcount, K, &npairs[bb])
         free(keys)
         free(vals)
         free(okeys)
         free(lcount)
-        barrier()   # every sample done; then each thread numbers privately (B x K is small)
-        mypos = <int64_t*>malloc((B * K + B + 1 + K + 1) * sizeof(int64_t))
-        _numbering(B, K, nout, count, mypos + B * K, mypos + B * K + B + 1, mypos)
-        # each sample's outputs and its pairs of each offset go to their global places as
-        # contiguous runs (local output numbers shifted by the sample's first output)
-        for bb in prange(B, schedule='static'):
-            r0 = bstart[bb] * per_in
-            obase_b = <int32_t>mypos[B * K + bb]
-            memcpy(&out_coords[obase_b, 0], &ocoords[r0, 0],
-                   nout[bb] * (d + 1) * sizeof(int32_t))
-            nb = bstart[bb + 1] - bstart[bb]
-            for kk in range(K):
-                t = mypos[bb * K + kk]
-                src_in = &lpairs[0, bstart[bb] * K + kk * nb]
-                src_out = &lpairs[1, bstart[bb] * K + kk * nb]
-                memcpy(&in_idx[t], src_in, count[bb * K + kk] * sizeof(int32_t))
-                for e in range(count[bb * K + kk]):
-                    out_idx[t + e] = src_out[e] + obase_b
-        free(mypos)
     free(perm)
+    # global numbering, then the result arrays at their exact sizes
+    offsets_a = np.empty(K + 1, dtype=np.int64)
+    cdef int64_t[::1] offsets = offsets_a
     _numbering(B, K, nout, count, obase, &offsets[0], pos)
     cdef Py_ssize_t n_out = obase[B], P = offsets[K]
-    return out_coords_a[:n_out].copy(), in_a[:P], out_a[:P], offsets_a
+    out_coords_a = np.empty((n_out, 1 + d), dtype=np.int32)
+    in_a = np.empty(P, dtype=np.int32)
+    out_a = np.empty(P, dtype=np.int32)
+    win_a = np.empty((n_out if window else 0, K), dtype=np.int32)
+    res = out_coords_a, in_a, out_a, offsets_a
+    if window:
+        res = res + (win_a,)
+    if n_out == 0:
+        return res
+    cdef int32_t[:, ::1] out_coords = out_coords_a
+    cdef int32_t[::1] in_idx = in_a
+    cdef int32_t[::1] out_idx = out_a
+    cdef int32_t[:, ::1] win = win_a
+    cdef int32_t* outcp = &out_coords[0, 0]
+    cdef int32_t* inp = &in_idx[0]          # P >= n_out > 0
+    cdef int32_t* outp = &out_idx[0]
+    cdef int32_t* winp = &win[0, 0] if window else NULL
+    cdef int32_t* wrow
+    # each sample's outputs and its pairs of each offset go to their global places as
+    # contiguous runs (local output numbers shifted by the sample's first output)
+    with nogil:
+        for bb in prange(B, schedule='static'):
+            r0 = bstart[bb] * per_in
+            obase_b = <int32_t>obase[bb]
+            memcpy(outcp + <Py_ssize_t>obase_b * (d + 1), ocp + r0 * (d + 1),
+                   nout[bb] * (d + 1) * sizeof(int32_t))
+            nb = bstart[bb + 1] - bstart[bb]
+            if window:
+                wrow = winp + <Py_ssize_t>obase_b * K     # this sample's rows of the table
+                for e in range(nout[bb] * K):
+                    wrow[e] = -1
+                for kk in range(K):
+                    src_in = lin0 + bstart[bb] * K + kk * nb
+                    src_out = lout0 + bstart[bb] * K + kk * nb
+                    for e in range(count[bb * K + kk]):
+                        wrow[<Py_ssize_t>src_out[e] * K + kk] = src_in[e]
+            for kk in range(K):
+                t = pos[bb * K + kk]
+                src_in = lin0 + bstart[bb] * K + kk * nb
+                src_out = lout0 + bstart[bb] * K + kk * nb
+                memcpy(inp + t, src_in, count[bb * K + kk] * sizeof(int32_t))
+                for e in range(count[bb * K + kk]):
+                    outp[t + e] = src_out[e] + obase_b
+    return res
 
 
 def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
@@ -435,6 +460,8 @@ def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
     cdef Py_ssize_t K = offsets.shape[0] - 1, o, q, k, kk, q0, q1
     win_a = np.empty((n_out, K), dtype=np.int32)
     cdef int32_t[:, ::1] win = win_a
+    cdef int32_t* winp = &win[0, 0]
+    cdef int32_t* wrow
     if n_out == 0 or K == 0:
         return win_a
     with nogil, parallel():
