@@ -50,19 +50,13 @@ def _check_channels(x: SparseTensor, cin: int, what: str) -> None:
         raise ValueError(f"{what} expects {cin} input channels, but the input has {x.channels}")
 
 
-def colsum(a: Any, block: int = 64) -> Any:
-    """Column sums of a (n, C) array: sum over ``block``-row slabs first, then the partials.
-
-    Several times faster than ``a.sum(axis=0)`` (which walks a C-contiguous array one short
-    row at a time) and more accurate (blocked summation); the order is fixed, so results are
-    deterministic. Works for numpy and cupy arrays.
+def colsum(a: Any) -> Any:
+    """Column sums of a (n, C) array, by the backend's ``column_sums`` kernel: fixed row
+    blocks summed in parallel, then the partials in block order (deterministic, and much
+    faster than ``a.sum(axis=0)``, which walks a C-contiguous array one short row at a time).
     """
-    n, c = a.shape
-    m = (n // block) * block
-    if m == 0 or c == 1:      # one column: numpy already sums it contiguously, pairwise
-        return a.sum(axis=0)
-    head = a[:m].reshape(n // block, block * c).sum(axis=0).reshape(block, c).sum(axis=0)
-    return head + a[m:].sum(axis=0) if m < n else head
+    K = backend.kernels(backend.device_of(a))
+    return K.column_sums(backend.xp(backend.device_of(a)).ascontiguousarray(a))
 
 
 # -- convolutions ---------------------------------------------------------------------------

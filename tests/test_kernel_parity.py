@@ -27,7 +27,7 @@ def test_cpu_exports_the_minimum_kernel_set():
         fn = getattr(_cpu, name)
         assert callable(fn)
         params = inspect.signature(fn).parameters       # binding=True: introspectable
-        assert len(params) >= 2, name
+        assert len(params) >= 1, name
         assert name in _cpu.__all__
 
 

@@ -452,3 +452,37 @@ def test_kernels_do_not_modify_inputs(rng):
     _cpu.avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
     for a, c in zip(arrays, copies, strict=True):
         np.testing.assert_array_equal(a, c)
+
+
+# --------------------------------------------------------------------------------------------
+# column sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,c", [(1, 1), (3, 2), (256, 5), (257, 32), (1000, 513),
+                                 (44000, 32)])
+def test_column_sums(n, c, dtype, rng):
+    """Blocks of 256 rows, then the partials in block order: the exact sum within the
+    rounding bound, and the hand-computable order for a tiny case."""
+    a = rng.standard_normal((n, c)).astype(dtype)
+    got = _cpu.column_sums(a)
+    assert got.dtype == dtype and got.shape == (c,)
+    exact = a.astype(np.float64).sum(axis=0)
+    eps = np.finfo(dtype).eps
+    bound = (256 + n // 256 + 1) * eps * np.abs(a).astype(np.float64).sum(axis=0)
+    assert (np.abs(got - exact) <= bound + 1e-300).all()
+
+
+def test_column_sums_order_by_hand():
+    """float32: 2**24 + 1 + 1 is 2**24 row by row (each +1 is lost), while the second block
+    (rows 256...) is summed on its own first: its 256 ones give 256, which survives."""
+    a = np.zeros((512, 1), np.float32)
+    a[0] = 2.0 ** 24
+    a[1:256] = 1.0          # lost one at a time in block 0
+    a[256:] = 1.0           # block 1: 256, exact
+    assert _cpu.column_sums(a)[0] == np.float32(2.0 ** 24 + 256)
+
+
+def test_column_sums_empty():
+    assert _cpu.column_sums(np.zeros((0, 4), np.float32)).tolist() == [0, 0, 0, 0]
+    assert _cpu.column_sums(np.zeros((3, 0))).shape == (0,)

@@ -16,6 +16,7 @@ from ._conv import conv_backward as _conv_backward  # noqa: E402
 from ._conv import conv_forward as _conv_forward  # noqa: E402
 from ._openmp import USE_OPENMP, max_threads  # noqa: E402
 from ._pool import avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward  # noqa: E402
+from ._reduce import column_sums  # noqa: E402
 from ._rulebook import (  # noqa: E402
     build_conv_rulebook,
     build_hash,
@@ -38,13 +39,14 @@ KERNEL_NAMES = (
     "maxpool_backward",
     "avgpool_forward",
     "avgpool_backward",
+    "column_sums",
 )
 
 __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
     "conv_forward",
     "conv_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward",
-    "avgpool_backward", "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
+    "avgpool_backward", "column_sums", "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
     "single_threaded_blas",
 ]
 assert set(KERNEL_NAMES) <= set(__all__)
