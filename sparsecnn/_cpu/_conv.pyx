@@ -321,7 +321,10 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     # fixed chunking per offset, independent of the thread count
     m_a = np.diff(np.asarray(offsets))
-    rows_a = np.maximum(BWD_MIN_CHUNK, -(-m_a // BWD_MAX_CHUNKS)).astype(np.int64)
+    # BWD_MIN_CHUNK rows, at most BWD_MAX_CHUNKS chunks; small offsets (the last layers)
+    # are cut finer, into about 8 chunks of at least 32 rows, so that every thread has work
+    small_a = np.clip((-(-m_a // 8) + 15) // 16 * 16, 32, BWD_MIN_CHUNK)
+    rows_a = np.maximum(small_a, -(-m_a // BWD_MAX_CHUNKS)).astype(np.int64)
     nch_a = -(-m_a // rows_a)
     base_a = np.zeros(K + 1, dtype=np.int64)
     np.cumsum(nch_a, out=base_a[1:])
