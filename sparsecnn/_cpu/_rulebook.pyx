@@ -353,10 +353,11 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
         sh = 0
         while (1 << sh) < s:
             sh += 1
-    # sample b's outputs and pairs go to rows bstart[b] * per_in ..., then to their global
-    # places; n * per_in bounds both (it is the number of pairs unless windows leave the
-    # grid), so the pair arrays are returned as views; the output coordinates, usually far
-    # fewer, are copied out so that the geometry does not keep the whole buffer.
+    # Phase 1 (parallel over samples): sample b's outputs go to rows bstart[b] * per_in ...
+    # of ocoords (a sample has at most per_in outputs per input), its pairs of offset k to
+    # lpairs[:, bstart[b] * K + k * nb ...] (at most one per input). Then the global
+    # numbering (serial, B x K), the results at their exact sizes, and phase 2 (parallel
+    # over samples) moves each sample's runs to their global places.
     ocoords_a = np.empty((n * per_in, 1 + d), dtype=np.int32)
     lpairs_a = np.empty((2, n * K), dtype=np.int32)   # per sample and offset, at most nb each
     cdef int32_t[:, ::1] ocoords = ocoords_a
@@ -460,8 +461,6 @@ def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
     cdef Py_ssize_t K = offsets.shape[0] - 1, o, q, k, kk, q0, q1
     win_a = np.empty((n_out, K), dtype=np.int32)
     cdef int32_t[:, ::1] win = win_a
-    cdef int32_t* winp = &win[0, 0]
-    cdef int32_t* wrow
     if n_out == 0 or K == 0:
         return win_a
     with nogil, parallel():
