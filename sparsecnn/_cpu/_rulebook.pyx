@@ -75,6 +75,30 @@ cdef int _grow(int64_t* keys, int32_t* vals, const int64_t* okeys, int32_t n_out
     return bits + 1
 
 
+cdef int _start_sample(Py_ssize_t n_in, int max_bits, int64_t* keys, int64_t* lcount,
+                       int K) noexcept nogil:
+    """A sample's private table for n_in inputs (2**bits slots, at most 2**max_bits) cleared,
+    and its pair counts zeroed; returns bits."""
+    cdef int bits = _log2_capacity(n_in)
+    cdef Py_ssize_t q
+    if bits > max_bits:
+        bits = max_bits
+    for q in range(<Py_ssize_t>1 << bits):
+        keys[q] = -1
+    for q in range(K):
+        lcount[q] = 0
+    return bits
+
+
+cdef inline void _end_sample(const int64_t* lcount, int K, int64_t* count, Py_ssize_t P,
+                             int64_t* n_pairs) noexcept nogil:
+    """Publish a sample's pair counts (kept thread-private while it ran) and total."""
+    cdef int k
+    for k in range(K):
+        count[k] = lcount[k]
+    n_pairs[0] = P
+
+
 cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape, int f, int s,
                                 int sh, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
                                 int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
@@ -83,21 +107,12 @@ cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape,
                                 int64_t* n_pairs) noexcept nogil:
     """_conv_sample for d == 2 (the common case): the same outputs, pairs and order, with the
     two candidate loops written out, so that everything stays in registers."""
-    cdef int bits = _log2_capacity(b - a)
-    cdef Py_ssize_t cap, mask, q, h, P = 0, i, nb = b - a
-    cdef int shift
+    cdef int bits = _start_sample(b - a, max_bits, keys, lcount, K)
+    cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1, q, h, P = 0, i, nb = b - a
+    cdef int shift = 64 - bits
     cdef int64_t H = out_shape[0], W = out_shape[1], key, rowkey
     cdef int y, x, lo0, hi0, lo1, hi1, oy, ox, k, krow, batch
     cdef int32_t n_out = 0, o
-    if bits > max_bits:
-        bits = max_bits
-    cap = <Py_ssize_t>1 << bits
-    mask = cap - 1
-    shift = 64 - bits
-    for q in range(cap):
-        keys[q] = -1
-    for q in range(K):
-        lcount[q] = 0
     for q in range(a, b):
         i = q if perm == NULL else perm[q]
         batch = coords[3 * i]
@@ -149,20 +164,20 @@ cdef Py_ssize_t _conv_sample_2d(const int32_t* coords, const int64_t* out_shape,
                 lout[h] = o
                 lcount[k] += 1
                 P += 1
-    for q in range(K):
-        count[q] = lcount[q]
-    n_pairs[0] = P
+    _end_sample(lcount, K, count, P, n_pairs)
     return n_out
 
 
 cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_shape, int d,
-                             int f, int s, const int64_t* perm, Py_ssize_t a, Py_ssize_t b,
-                             int max_bits, int64_t* keys, int32_t* vals, int64_t* okeys,
+                             int f, int s, int sh, const int64_t* perm, Py_ssize_t a,
+                             Py_ssize_t b, int max_bits, int64_t* keys, int32_t* vals,
+                             int64_t* okeys,
                              int32_t* ocoords, int32_t* lin, int32_t* lout,
                              int64_t* count, int64_t* lcount, int K,
                              int64_t* n_pairs) noexcept nogil:
     """Outputs and pairs of the inputs perm[a:b] (rows a:b if perm is NULL: one sample) with
-    a private hash table of local keys (the output's row-major index within the sample).
+    a private hash table of local keys (the output's row-major index within the sample);
+    sh = log2(s) when s is a power of two (shifts instead of divisions), else -1.
 
     The table starts small and doubles at load 1/2 (at most 2**max_bits slots), so it stays
     in cache; candidate keys and offsets are updated incrementally along the odometer.
@@ -173,9 +188,9 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
     buffer lcount first: neighbouring samples' rows of count share cache lines, and another
     thread writing there on every pair made the counts a false-sharing hot spot. Returns
     the number of outputs."""
-    cdef int bits = _log2_capacity(b - a)
-    cdef Py_ssize_t cap, mask, q, P = 0, h, nb = b - a
-    cdef int shift, j, p, skip, sh = -1
+    cdef int bits = _start_sample(b - a, max_bits, keys, lcount, K)
+    cdef Py_ssize_t cap = <Py_ssize_t>1 << bits, mask = cap - 1, q, P = 0, h, nb = b - a
+    cdef int shift = 64 - bits, j, p, skip
     cdef int lo[MAX_DIM]
     cdef int hi[MAX_DIM]
     cdef int cur[MAX_DIM]
@@ -183,24 +198,11 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
     cdef int fstride[MAX_DIM]
     cdef int32_t n_out = 0, r, o, batch, k
     cdef int64_t i, key
-    if bits > max_bits:
-        bits = max_bits
-    cap = <Py_ssize_t>1 << bits
-    mask = cap - 1
-    shift = 64 - bits
-    if s & (s - 1) == 0:
-        sh = 0
-        while (1 << sh) < s:
-            sh += 1
     ostride[d - 1] = 1
     fstride[d - 1] = 1
     for j in range(d - 2, -1, -1):
         ostride[j] = ostride[j + 1] * out_shape[j + 1]
         fstride[j] = fstride[j + 1] * f
-    for q in range(cap):
-        keys[q] = -1
-    for q in range(K):
-        lcount[q] = 0
     for q in range(a, b):
         i = q if perm == NULL else perm[q]
         skip = 0
@@ -260,9 +262,7 @@ cdef Py_ssize_t _conv_sample(const int32_t[:, ::1] coords, const int64_t* out_sh
                 j -= 1
             if j < 0:
                 break
-    for q in range(K):
-        count[q] = lcount[q]
-    n_pairs[0] = P
+    _end_sample(lcount, K, count, P, n_pairs)
     return n_out
 
 
@@ -389,7 +389,7 @@ def build_conv_rulebook(const int32_t[:, ::1] coords, const int64_t[::1] spatial
                                            ocp + r0 * (d + 1), lin0 + t, lout0 + t,
                                            count + bb * K, lcount, K, &npairs[bb])
                 continue
-            nout[bb] = _conv_sample(coords, out_shape, d, f, s, perm, bstart[bb],
+            nout[bb] = _conv_sample(coords, out_shape, d, f, s, sh, perm, bstart[bb],
                                     bstart[bb + 1], cap_bits, keys, vals, okeys,
                                     ocp + r0 * (d + 1), lin0 + t, lout0 + t,
                                     count + bb * K, lcount, K, &npairs[bb])
