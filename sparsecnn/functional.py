@@ -17,7 +17,7 @@ from . import backend
 from .autograd import Parameter, is_grad_enabled, record
 from .tensor import SparseTensor, Tensor
 
-SMALL_CIN = 4   # below this many input channels conv_forward works output by output
+SMALL_CIN = 4   # below this many input channels conv_backward goes output by output too
 
 __all__ = [
     "convolution", "submanifold_convolution", "max_pooling", "average_pooling",
@@ -74,9 +74,10 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
     else:
         g_out = xp.zeros(W.shape[2], W.dtype)
         row = b
-    few = W.shape[1] < SMALL_CIN      # the kernel goes output by output over the window
+    # forward goes output by output over the window (cached on the rulebook)
     feats = K.conv_forward(x.features, W, row, g_in, rb.in_idx, rb.out_idx, rb.offsets,
-                           rb.n_out, window=rb.window if few else None)
+                           rb.n_out, window=rb.window)
+    few = W.shape[1] < SMALL_CIN      # then the weight gradient does too
     out = SparseTensor._make(out_geom, feats, g_out)
     if not is_grad_enabled():
         return out
@@ -119,8 +120,7 @@ def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
     _check_param(weight, x, "weight", (K, x.channels, weight.shape[2]), what)
     if bias is not None:
         _check_param(bias, x, "bias", (weight.shape[2],), what)
-    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution",
-                                   window=x.channels < SMALL_CIN)
+    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
 
 

@@ -187,6 +187,30 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cin,cout", [(4, 3), (9, 6), (33, 17)])
+@pytest.mark.parametrize("rb_name", list(RULEBOOKS))
+def test_conv_forward_window_path(rb_name, cin, cout, dtype, rng):
+    """With the window the forward goes by chunks of outputs (each row accumulated once):
+    the per-offset result up to rounding (BLAS may round a row differently by its place in
+    a block), and deterministic."""
+    in_idx, out_idx, offsets, n_in, n_out = RULEBOOKS[rb_name](rng)
+    K = len(offsets) - 1
+    x = rng.standard_normal((n_in, cin)).astype(dtype)
+    w = rng.standard_normal((K, cin, cout)).astype(dtype)
+    b = rng.standard_normal(cout).astype(dtype)
+    g = rng.standard_normal(cin).astype(dtype)
+    win = _cpu.build_window(in_idx, out_idx, offsets, n_out)
+    y = _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win)
+    assert y.dtype == dtype and y.shape == (n_out, cout)
+    np.testing.assert_allclose(y, ref_conv_forward(x, w, b, g, in_idx, out_idx, offsets,
+                                                   n_out), **TOL[dtype])
+    np.testing.assert_allclose(
+        y, _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out), **TOL[dtype])
+    np.testing.assert_array_equal(
+        y, _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cin", [1, 2, 3])
 @pytest.mark.parametrize("rb_name", list(RULEBOOKS))
 def test_conv_backward_window_path(rb_name, cin, dtype, rng):

@@ -1,11 +1,15 @@
-"""Sparse convolution kernels (CPU): gather -> GEMM -> scatter, per filter offset.
+"""Sparse convolution kernels (CPU): gather -> GEMM -> scatter.
 
-Pairs of one offset are cut into fixed chunks; OpenMP threads take chunks, gather the rows
-into a private buffer, multiply with BLAS (held at one thread by the caller) and scatter-add.
-Within one offset an output (or input) row occurs at most once, so scatters never race; the
-offsets run in order, so every sum has a fixed order and results are bitwise reproducible
-whatever the number of threads. Weight gradients go to per-chunk partial buffers that are
-summed afterwards in chunk order (no float atomics).
+Forward, given the rulebook's window table (pairs grouped by output): OpenMP threads take
+chunks of outputs; for each offset in turn, the chunk's outputs that have an input there are
+gathered into a private buffer, multiplied with BLAS (held at one thread by the caller) and
+added to their rows, which stay in cache until the chunk is done. Without the window, and in
+backward: pairs of one offset are cut into fixed chunks, gathered, multiplied and
+scatter-added into the whole output (or input gradient). Within one offset an output (or
+input) row occurs at most once, so scatters never race; the offsets run in order, so every
+sum has a fixed order and results are bitwise reproducible whatever the number of threads
+(chunks depend on the sizes only). Weight gradients go to per-chunk partial buffers that
+are summed afterwards in chunk order (no float atomics).
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -62,7 +66,7 @@ cdef inline void _sub(const floating* x, const floating* g, floating* y,
 
 
 cdef inline Py_ssize_t _fwd_rows(Py_ssize_t m) noexcept nogil:
-    """Rows per forward task for an offset with m pairs: FWD_CHUNK, but at least 8 tasks
+    """Rows per forward task for an offset with m pairs (or m outputs): FWD_CHUNK, but at least 8 tasks
     (rounded to 16 rows, at least 32) when m is small, so that the last layers' few pairs
     still keep every thread busy. Depends on m only, never on the number of threads."""
     cdef Py_ssize_t r = ((m + 7) // 8 + 15) // 16 * 16
@@ -80,6 +84,36 @@ cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
     _gemm_nn(<int>r, cout, cin, gbuf, w, <floating>0, ybuf)
     for t in range(r):
         _add(ybuf + t * cout, out + <Py_ssize_t>out_idx[t] * cout, cout)
+
+
+cdef void _out_chunk(const floating* x, const floating* w, const floating* g,
+                     const floating* bias, const int32_t* win, Py_ssize_t o0, Py_ssize_t r,
+                     int K, int cin, int cout, floating* gbuf, floating* ybuf, int32_t* sel,
+                     int32_t* src, floating* out) noexcept nogil:
+    """Outputs o0 <= o < o0 + r, all offsets: out[o] = bias, then for k = 0, 1, ...: the
+    outputs whose window has an input at offset k are gathered (x - g), multiplied by w[k]
+    and added to their rows, which stay in cache for the whole chunk (written once to
+    memory, no bias pass over the whole output, no barrier between offsets). Per output the
+    same sums in the same order as the per-offset path. win: (n_out, K) row-major."""
+    cdef Py_ssize_t t, j, m
+    cdef int k
+    cdef int32_t i
+    for t in range(r):
+        memcpy(out + (o0 + t) * cout, bias, cout * sizeof(floating))
+    for k in range(K):
+        m = 0
+        for t in range(r):          # branch-free compaction: which are present has no pattern
+            i = win[(o0 + t) * K + k]
+            sel[m] = <int32_t>t
+            src[m] = i
+            m += i >= 0
+        if m == 0:
+            continue
+        for j in range(m):
+            _sub(x + <Py_ssize_t>src[j] * cin, g, gbuf + j * cin, cin)
+        _gemm_nn(<int>m, cout, cin, gbuf, w + <Py_ssize_t>k * cin * cout, <floating>0, ybuf)
+        for j in range(m):
+            _add(ybuf + j * cout, out + (o0 + sel[j]) * cout, cout)
 
 
 cdef void _im2col(const floating* xg, Py_ssize_t n_in, const int32_t[:, ::1] win,
@@ -163,8 +197,12 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     weight : (K, C_in, C_out), bias : (C_out,)   # IN (bias: the row outputs start from)
     ground : (C_in,)                             # IN, value of the inactive input sites
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64    # IN, the rulebook
-    window : (n_out, K) int32, optional: build_window of the rulebook. Used (and built here
-             if None) only when C_in is small, where the kernel works output by output.
+    window : (n_out, K) int32, optional: build_window of the rulebook. With it the kernel
+             works on chunks of outputs, each output row accumulated in cache and written
+             once (faster; the same sums in the same order, up to BLAS's rounding of a row
+             by its place in a block); without it, per offset, scattering into the whole
+             output. When C_in is small
+             the window is needed (built here if None): im2col + GEMM per output chunk.
     Returns out : (n_out, C_out).
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
@@ -187,6 +225,26 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
         wb = wb_a
         with nogil:
             _small_cin_forward(features, wb, ground, win, out)
+        return out_a
+    cdef int32_t* sel
+    cdef int32_t* src
+    if window is not None:       # output-stationary: chunks of outputs, each row written once
+        win = window
+        rows = _fwd_rows(n_out)
+        nch = (n_out + rows - 1) // rows
+        with nogil, parallel():
+            gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))
+            ybuf = <floating*>malloc(FWD_CHUNK * cout * sizeof(floating))
+            sel = <int32_t*>malloc(2 * FWD_CHUNK * sizeof(int32_t))
+            src = sel + FWD_CHUNK
+            for c in prange(nch, schedule='dynamic'):
+                o = c * rows
+                _out_chunk(&features[0, 0], &weight[0, 0, 0], &ground[0], &bias[0], &win[0, 0],
+                           o, min(rows, n_out - o), K, cin, cout, gbuf, ybuf, sel, src,
+                           &out[0, 0])
+            free(gbuf)
+            free(ybuf)
+            free(sel)
         return out_a
     with nogil:
         for o in prange(n_out, schedule='static'):   # every output starts from bias
