@@ -18,6 +18,10 @@ from .autograd import Parameter, is_grad_enabled, record
 from .tensor import SparseTensor, Tensor
 
 SMALL_CIN = 4   # below this many input channels conv_backward goes output by output too
+# conv_backward goes by chunks of inputs, all offsets side by side, when at least this share
+# of (input, offset) slots have a pair (stride-1 convolutions: nearly all); the empty slots
+# are multiplied as zeros, so below it the per-offset path is faster
+INPUT_SIDE_FILL = 0.9
 
 __all__ = [
     "convolution", "submanifold_convolution", "max_pooling", "average_pooling",
@@ -85,8 +89,10 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
     def backward(grad):
         gy, gg = grad
         need_x = x.requires_grad
+        by_inputs = not few and rb.input_fill >= INPUT_SIDE_FILL
         gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
-                                 grad_input=need_x, window=rb.window if few else None)
+                                 grad_input=need_x, window=rb.window if few else None,
+                                 input_window=rb.input_window if by_inputs else None)
         G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
         if ground_state:
             gW = gW + g_in[None, :, None] * G[None, None, :]

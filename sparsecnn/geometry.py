@@ -30,6 +30,7 @@ class Rulebook:
     filter_size: int
     stride: int
     _window: Any = field(default=None, compare=False, repr=False)
+    _input_window: Any = field(default=None, compare=False, repr=False)
 
     @property
     def n_pairs(self) -> int:
@@ -50,6 +51,21 @@ class Rulebook:
             object.__setattr__(self, "_window", K.build_window(self.in_idx, self.out_idx,
                                                                self.offsets, self.n_out))
         return self._window
+
+    @property
+    def input_window(self) -> Any:
+        """The pairs grouped by input: (n_in, K) int32, [i, k] = output row or -1 (an input
+        has at most one pair per offset). Built on first use (convolution backward) and kept."""
+        if self._input_window is None:
+            K = backend.kernels(backend.device_of(self.in_idx))
+            object.__setattr__(self, "_input_window", K.build_window(
+                self.out_idx, self.in_idx, self.offsets, self.n_in))
+        return self._input_window
+
+    @property
+    def input_fill(self) -> float:
+        """Pairs per (input, offset): 1.0 when every input is in all K of its windows."""
+        return self.n_pairs / max(self.n_in * self.kernel_volume, 1)
 
 
 def check_packable(spatial_shape: tuple[int, ...], batch_size: int) -> None:

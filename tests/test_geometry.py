@@ -289,6 +289,25 @@ def test_geometry_conv_window_request(rng):
     np.testing.assert_array_equal(rb_a.window, rb_b.window)
 
 
+def test_rulebook_input_window_and_fill(rng):
+    """input_window[i, k] is the output paired with input i at offset k (-1 if none);
+    input_fill is the share of (input, offset) slots that have a pair."""
+    coords = random_unique_sites(rng, 2, (9, 9), 0.3)
+    g = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (9, 9)).geometry
+    rb, _ = g.conv(2, 1)
+    iw = rb.input_window
+    assert iw.shape == (rb.n_in, 4) and iw.dtype == np.int32
+    expected = np.full((rb.n_in, 4), -1, np.int32)
+    for k in range(4):
+        q = slice(rb.offsets[k], rb.offsets[k + 1])
+        expected[rb.in_idx[q], k] = rb.out_idx[q]
+    np.testing.assert_array_equal(iw, expected)
+    assert rb.input_window is iw                      # cached
+    # stride 1, valid: every input lies in all 4 of its windows, except at the grid's edges
+    assert rb.input_fill == (iw >= 0).mean()
+    assert 0.75 < rb.input_fill <= 1.0
+
+
 def test_conv_rulebook_offset_numbering_by_hand():
     """One site at (1, 2) of a 4x4 grid, f=3, s=1: it is in 4 windows with known offsets."""
     coords = np.array([[0, 1, 2]], np.int32)

@@ -211,6 +211,37 @@ def test_conv_forward_window_path(rb_name, cin, cout, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cin,cout", [(4, 3), (9, 6), (33, 17)])
+@pytest.mark.parametrize("rb_name", list(RULEBOOKS))
+def test_conv_backward_input_window_path(rb_name, cin, cout, dtype, rng):
+    """With the input window both gradients go by chunks of inputs, all offsets side by side
+    (empty slots as zeros): the reference's gradients, with or without the input gradient,
+    and deterministic."""
+    in_idx, out_idx, offsets, n_in, n_out = RULEBOOKS[rb_name](rng)
+    K = len(offsets) - 1
+    x = rng.standard_normal((n_in, cin)).astype(dtype)
+    w = rng.standard_normal((K, cin, cout)).astype(dtype)
+    g = rng.standard_normal(cin).astype(dtype)
+    gy = rng.standard_normal((n_out, cout)).astype(dtype)
+    iwin = _cpu.build_window(out_idx, in_idx, offsets, n_in)
+    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
+    assert gx.dtype == gw.dtype == dtype
+    assert gx.shape == (n_in, cin) and gw.shape == (K, cin, cout)
+    rgx, rgw = ref_conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
+    scale = np.sqrt(max(np.diff(offsets).max(), 1)) if dtype == np.float32 else 1.0
+    np.testing.assert_allclose(gx, rgx, **TOL[dtype])
+    np.testing.assert_allclose(gw, rgw, rtol=TOL[dtype]["rtol"] * scale,
+                               atol=TOL[dtype]["atol"] * scale)
+    none, gw2 = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
+                                   input_window=iwin)
+    assert none is None
+    np.testing.assert_array_equal(gw2, gw)
+    again = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
+    np.testing.assert_array_equal(again[0], gx)
+    np.testing.assert_array_equal(again[1], gw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cin", [1, 2, 3])
 @pytest.mark.parametrize("rb_name", list(RULEBOOKS))
 def test_conv_backward_window_path(rb_name, cin, dtype, rng):

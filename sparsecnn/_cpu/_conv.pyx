@@ -306,6 +306,36 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
         _add(dxbuf + t * cin, gx + <Py_ssize_t>in_idx[t] * cin, cin)
 
 
+cdef void _bwd_in_chunk(const floating* x, const floating* wt, const floating* g,
+                        const floating* gy, const int32_t* iwin, Py_ssize_t i0, Py_ssize_t r,
+                        int K, int cin, int cout, floating* abuf, floating* xbuf,
+                        floating* gx, floating* part) noexcept nogil:
+    """Inputs i0 <= i < i0 + r, all offsets at once. Row t of A (r, K * cout) holds, for each
+    offset k, the gradient of the output paired with input i0 + t there (zeros if none):
+    part (cin, K * cout) = (x - g)^T A, the chunk's weight gradient with the offsets side by
+    side; gx rows (when gx is not NULL) = A wt, wt = weight as (K * cout, cin), written once.
+    With (nearly) every input in all its K windows, as in stride-1 convolutions, A has few
+    zeros, and two deep GEMMs replace 2 K shallow ones and the scatter."""
+    cdef Py_ssize_t t, c
+    cdef int k
+    cdef int32_t o
+    cdef Py_ssize_t KC = <Py_ssize_t>K * cout
+    cdef floating* arow
+    for t in range(r):
+        arow = abuf + t * KC
+        for k in range(K):
+            o = iwin[(i0 + t) * K + k]
+            if o >= 0:
+                memcpy(arow + k * cout, gy + <Py_ssize_t>o * cout, cout * sizeof(floating))
+            else:
+                for c in range(cout):
+                    arow[k * cout + c] = 0
+        _sub(x + (i0 + t) * cin, g, xbuf + t * cin, cin)
+    _gemm_tn(cin, <int>KC, <int>r, xbuf, abuf, <floating>0, part)
+    if gx != NULL:
+        _gemm_nn(<int>r, cin, <int>KC, abuf, wt, <floating>0, gx + i0 * cin)
+
+
 cdef void _sum_partials(const floating* part, Py_ssize_t stride, Py_ssize_t n,
                         Py_ssize_t e0, Py_ssize_t e1, floating* dst) noexcept nogil:
     """dst[e] = sum over c < n of part[c * stride + e], for e0 <= e < e1, in order of c
@@ -320,7 +350,8 @@ cdef void _sum_partials(const floating* part, Py_ssize_t stride, Py_ssize_t n,
 def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
                   const floating[::1] ground, const floating[:, ::1] grad_out,
                   const int32_t[::1] in_idx, const int32_t[::1] out_idx,
-                  const int64_t[::1] offsets, *, bint grad_input=True, window=None):
+                  const int64_t[::1] offsets, *, bint grad_input=True, window=None,
+                  input_window=None):
     """Gradients of conv_forward's pair sum.
 
     grad_features[i] = sum over pairs (i, o, k) of weight[k] grad_out[o]
@@ -329,6 +360,10 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     grad_out : (n_out, C_out)                                              # IN
     window : (n_out, K) int32, optional: build_window of the rulebook. With few input
              channels and grad_input=False the weight gradient then goes output by output.
+    input_window : (n_in, K) int32, optional: the pairs grouped by input,
+             build_window(out_idx, in_idx, offsets, n_in). With it (and C_in >= 4) both
+             gradients go by chunks of inputs with all offsets side by side: worth it when
+             most inputs have all K pairs (stride-1 convolutions), see _bwd_in_chunk.
     Returns grad_features (n_in, C_in) (None with grad_input=False: the input needs no
     gradient, and its GEMM and scatter are skipped), grad_weight (K, C_in, C_out).
     (The bias/ground terms of the layer are plain sums, left to the caller.)
@@ -377,6 +412,11 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
         free(xg)
         return None, gw_a
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
+    cdef floating[:, ::1] gx = gx_a
+    if input_window is not None and cin >= SMALL_CIN and n_in and n_out:
+        _backward_by_inputs(features, weight, ground, grad_out, input_window,
+                            gx if grad_input else None, gw)
+        return (gx_a if grad_input else None), gw_a
     # fixed chunking per offset, independent of the thread count
     m_a = np.diff(np.asarray(offsets))
     # BWD_MIN_CHUNK rows, at most BWD_MAX_CHUNKS chunks; small offsets (the last layers)
@@ -391,7 +431,6 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     cdef const int64_t[::1] rows = rows_a
     cdef const int64_t[::1] nch = nch_a
     cdef const int64_t[::1] base = base_a
-    cdef floating[:, ::1] gx = gx_a
     cdef floating[:, :, ::1] part = part_a
     cdef Py_ssize_t nk
     cdef floating* xbuf
@@ -424,3 +463,46 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
             _sum_partials(&part[base[kk], 0, 0], E, base[kk + 1] - base[kk], e0,
                           min(e0 + RED_BLOCK, E), &gw[kk, 0, 0])
     return (gx_a if grad_input else None), gw_a
+
+
+cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g,
+                         const floating[:, ::1] gy, iwindow, gx_view,
+                         floating[:, :, ::1] gw):
+    """conv_backward by chunks of inputs (_bwd_in_chunk): per-chunk weight-gradient partials
+    (C_in, K * C_out) summed in chunk order, then laid out as (K, C_in, C_out); the input
+    gradient (if gx_view is not None) written chunk by chunk."""
+    cdef Py_ssize_t n_in = x.shape[0], c, i0, t, e0
+    cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2]
+    cdef Py_ssize_t KC = <Py_ssize_t>K * cout, E = cin * KC
+    dtype = np.float32 if floating is float else np.float64
+    wt_a = np.ascontiguousarray(np.asarray(weight).transpose(0, 2, 1)).reshape(KC, cin)
+    cdef const floating[:, ::1] wt = wt_a
+    cdef const int32_t[:, ::1] iwin = iwindow
+    cdef floating[:, ::1] gx
+    cdef floating* gxp = NULL
+    if gx_view is not None:
+        gx = gx_view
+        gxp = &gx[0, 0]
+    cdef Py_ssize_t rows = _fwd_rows(n_in)
+    cdef Py_ssize_t nch = (n_in + rows - 1) // rows
+    cdef Py_ssize_t nblk = (E + RED_BLOCK - 1) // RED_BLOCK
+    part_a = np.empty((nch, E), dtype=dtype)
+    flat_a = np.empty(E, dtype=dtype)
+    cdef floating[:, ::1] part = part_a
+    cdef floating[::1] flat = flat_a
+    cdef floating* abuf
+    cdef floating* xbuf
+    with nogil, parallel():
+        abuf = <floating*>malloc(rows * KC * sizeof(floating))
+        xbuf = <floating*>malloc(rows * cin * sizeof(floating))
+        for c in prange(nch, schedule='dynamic'):
+            i0 = c * rows
+            _bwd_in_chunk(&x[0, 0], &wt[0, 0], &g[0], &gy[0, 0], &iwin[0, 0], i0,
+                          min(rows, n_in - i0), K, cin, cout, abuf, xbuf, gxp, &part[c, 0])
+        free(abuf)
+        free(xbuf)
+        barrier()
+        for t in prange(nblk, schedule='static'):   # chunk partials in a fixed order
+            e0 = t * RED_BLOCK
+            _sum_partials(&part[0, 0], E, nch, e0, min(e0 + RED_BLOCK, E), &flat[0])
+    np.asarray(gw)[...] = flat_a.reshape(cin, K, cout).transpose(1, 0, 2)
