@@ -3,13 +3,15 @@
 Forward, given the rulebook's window table (pairs grouped by output): OpenMP threads take
 chunks of outputs; for each offset in turn, the chunk's outputs that have an input there are
 gathered into a private buffer, multiplied with BLAS (held at one thread by the caller) and
-added to their rows, which stay in cache until the chunk is done. Without the window, and in
-backward: pairs of one offset are cut into fixed chunks, gathered, multiplied and
-scatter-added into the whole output (or input gradient). Within one offset an output (or
-input) row occurs at most once, so scatters never race; the offsets run in order, so every
-sum has a fixed order and results are bitwise reproducible whatever the number of threads
-(chunks depend on the sizes only). Weight gradients go to per-chunk partial buffers that
-are summed afterwards in chunk order (no float atomics).
+added to their rows, which stay in cache until the chunk is done. Backward, given the pairs
+grouped by input, when nearly every input has all K pairs: chunks of inputs with the K
+paired output gradients side by side, two deep GEMMs per chunk. Otherwise pairs of one
+offset are cut into fixed chunks, gathered, multiplied and scatter-added into the whole
+output (or input gradient). Within one offset an output (or input) row occurs at most
+once, so scatters never race; the offsets run in order, so every sum has a fixed order and
+results are bitwise reproducible whatever the number of threads (chunks depend on the sizes
+only). Weight gradients go to per-chunk partial buffers that are summed afterwards in chunk
+order (no float atomics).
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -66,8 +68,8 @@ cdef inline void _sub(const floating* x, const floating* g, floating* y,
 
 
 cdef inline Py_ssize_t _fwd_rows(Py_ssize_t m) noexcept nogil:
-    """Rows per forward task for an offset with m pairs (or m outputs): FWD_CHUNK, but at least 8 tasks
-    (rounded to 16 rows, at least 32) when m is small, so that the last layers' few pairs
+    """Rows per task for m pairs of an offset (or m outputs, or m inputs): FWD_CHUNK, but at
+    least 8 tasks (rounded to 16 rows, at least 32) when m is small, so that the last layers
     still keep every thread busy. Depends on m only, never on the number of threads."""
     cdef Py_ssize_t r = ((m + 7) // 8 + 15) // 16 * 16
     return min(<Py_ssize_t>FWD_CHUNK, max(<Py_ssize_t>32, r))
@@ -201,8 +203,8 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
              works on chunks of outputs, each output row accumulated in cache and written
              once (faster; the same sums in the same order, up to BLAS's rounding of a row
              by its place in a block); without it, per offset, scattering into the whole
-             output. When C_in is small
-             the window is needed (built here if None): im2col + GEMM per output chunk.
+             output. When C_in is small the window is needed (built here if None): im2col
+             + GEMM per chunk of outputs.
     Returns out : (n_out, C_out).
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
