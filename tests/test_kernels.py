@@ -214,10 +214,22 @@ def test_conv_forward_window_path(rb_name, cin, cout, dtype, rng):
 @pytest.mark.parametrize("cin,cout", [(4, 3), (9, 6), (33, 17)])
 @pytest.mark.parametrize("rb_name", list(RULEBOOKS))
 def test_conv_backward_input_window_path(rb_name, cin, cout, dtype, rng):
+    _check_input_window_backward(RULEBOOKS[rb_name](rng), cin, cout, dtype, rng)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_backward_input_window_grouped_partials(dtype, rng):
+    """More than 64 chunks of inputs (here 79): chunks are grouped, each group accumulating
+    its weight gradients in order (beta = 1); still the reference's gradients."""
+    rb = (*hand_rulebook(rng, 2, 20000, 18000, [15000, 16000]), 20000, 18000)
+    _check_input_window_backward(rb, 4, 3, dtype, rng)
+
+
+def _check_input_window_backward(rb, cin, cout, dtype, rng):
     """With the input window both gradients go by chunks of inputs, all offsets side by side
     (empty slots as zeros): the reference's gradients, with or without the input gradient,
     and deterministic."""
-    in_idx, out_idx, offsets, n_in, n_out = RULEBOOKS[rb_name](rng)
+    in_idx, out_idx, offsets, n_in, n_out = rb
     K = len(offsets) - 1
     x = rng.standard_normal((n_in, cin)).astype(dtype)
     w = rng.standard_normal((K, cin, cout)).astype(dtype)

@@ -311,11 +311,12 @@ cdef void _bwd_chunk(const floating* x, const floating* w, const floating* g,
 cdef void _bwd_in_chunk(const floating* x, const floating* wt, const floating* g,
                         const floating* gy, const int32_t* iwin, Py_ssize_t i0, Py_ssize_t r,
                         int K, int cin, int cout, floating* abuf, floating* xbuf,
-                        floating* gx, floating* part) noexcept nogil:
+                        floating* gx, floating* part, floating beta) noexcept nogil:
     """Inputs i0 <= i < i0 + r, all offsets at once. Row t of A (r, K * cout) holds, for each
     offset k, the gradient of the output paired with input i0 + t there (zeros if none):
-    part (cin, K * cout) = (x - g)^T A, the chunk's weight gradient with the offsets side by
-    side; gx rows (when gx is not NULL) = A wt, wt = weight as (K * cout, cin), written once.
+    part (cin, K * cout) = (x - g)^T A + beta part, the chunk's weight gradient with the
+    offsets side by side (beta = 1 adds it to the partial of the chunk group); gx rows (when
+    gx is not NULL) = A wt, wt = weight as (K * cout, cin), written once.
     With (nearly) every input in all its K windows, as in stride-1 convolutions, A has few
     zeros, and two deep GEMMs replace 2 K shallow ones and the scatter."""
     cdef Py_ssize_t t, c
@@ -333,7 +334,7 @@ cdef void _bwd_in_chunk(const floating* x, const floating* wt, const floating* g
                 for c in range(cout):
                     arow[k * cout + c] = 0
         _sub(x + (i0 + t) * cin, g, xbuf + t * cin, cin)
-    _gemm_tn(cin, <int>KC, <int>r, xbuf, abuf, <floating>0, part)
+    _gemm_tn(cin, <int>KC, <int>r, xbuf, abuf, beta, part)
     if gx != NULL:
         _gemm_nn(<int>r, cin, <int>KC, abuf, wt, <floating>0, gx + i0 * cin)
 
@@ -470,9 +471,12 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
 cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g,
                          const floating[:, ::1] gy, iwindow, gx_view,
                          floating[:, :, ::1] gw):
-    """conv_backward by chunks of inputs (_bwd_in_chunk): per-chunk weight-gradient partials
-    (C_in, K * C_out) summed in chunk order, then laid out as (K, C_in, C_out); the input
-    gradient (if gx_view is not None) written chunk by chunk."""
+    """conv_backward by chunks of inputs (_bwd_in_chunk). The chunks form at most
+    2 * BWD_MAX_CHUNKS fixed groups of consecutive chunks (memory for the partials stays
+    bounded); a group accumulates its chunks' weight gradients in order into its partial
+    (C_in, K * C_out); the partials are summed in group order, then laid out as
+    (K, C_in, C_out). The input gradient (if gx_view is not None) is written chunk by chunk.
+    Groups depend on the sizes only: the result does not depend on the number of threads."""
     cdef Py_ssize_t n_in = x.shape[0], c, i0, t, e0
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2]
     cdef Py_ssize_t KC = <Py_ssize_t>K * cout, E = cin * KC
@@ -487,8 +491,10 @@ cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g
         gxp = &gx[0, 0]
     cdef Py_ssize_t rows = _fwd_rows(n_in)
     cdef Py_ssize_t nch = (n_in + rows - 1) // rows
+    cdef Py_ssize_t per = (nch + 2 * BWD_MAX_CHUNKS - 1) // (2 * BWD_MAX_CHUNKS)
+    cdef Py_ssize_t ngr = (nch + per - 1) // per, q
     cdef Py_ssize_t nblk = (E + RED_BLOCK - 1) // RED_BLOCK
-    part_a = np.empty((nch, E), dtype=dtype)
+    part_a = np.empty((ngr, E), dtype=dtype)
     flat_a = np.empty(E, dtype=dtype)
     cdef floating[:, ::1] part = part_a
     cdef floating[::1] flat = flat_a
@@ -497,14 +503,16 @@ cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g
     with nogil, parallel():
         abuf = <floating*>malloc(rows * KC * sizeof(floating))
         xbuf = <floating*>malloc(rows * cin * sizeof(floating))
-        for c in prange(nch, schedule='dynamic'):
-            i0 = c * rows
-            _bwd_in_chunk(&x[0, 0], &wt[0, 0], &g[0], &gy[0, 0], &iwin[0, 0], i0,
-                          min(rows, n_in - i0), K, cin, cout, abuf, xbuf, gxp, &part[c, 0])
+        for q in prange(ngr, schedule='dynamic'):
+            for c in range(q * per, min(nch, (q + 1) * per)):
+                i0 = c * rows
+                _bwd_in_chunk(&x[0, 0], &wt[0, 0], &g[0], &gy[0, 0], &iwin[0, 0], i0,
+                              min(rows, n_in - i0), K, cin, cout, abuf, xbuf, gxp,
+                              &part[q, 0], <floating>(c > q * per))
         free(abuf)
         free(xbuf)
         barrier()
-        for t in prange(nblk, schedule='static'):   # chunk partials in a fixed order
+        for t in prange(nblk, schedule='static'):   # group partials in a fixed order
             e0 = t * RED_BLOCK
-            _sum_partials(&part[0, 0], E, nch, e0, min(e0 + RED_BLOCK, E), &flat[0])
+            _sum_partials(&part[0, 0], E, ngr, e0, min(e0 + RED_BLOCK, E), &flat[0])
     np.asarray(gw)[...] = flat_a.reshape(cin, K, cout).transpose(1, 0, 2)
