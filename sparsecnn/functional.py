@@ -64,43 +64,57 @@ def colsum(a: Any) -> Any:
 
 
 # -- convolutions ---------------------------------------------------------------------------
-def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_geom,
-          ground_state: bool, name: str) -> SparseTensor:
-    K = backend.kernels(x.device)
+def _conv_ground(x: SparseTensor, weight: Parameter, bias: Parameter | None,
+                 ground_state: bool):
+    """(g_in, W_sum, g_out, row): the input ground the kernels subtract, sum_k W_k, the
+    output ground, and the row every output starts from."""
     xp = backend.xp(x.device)
     W = weight.data
     g_in = x.ground if ground_state else xp.zeros_like(x.ground)
     b = bias.data if bias is not None else xp.zeros(W.shape[2], W.dtype)
-    W_sum = W.sum(axis=0) if ground_state else None   # sum_k W_k: maps g_in to g_out
     if ground_state:
+        W_sum = W.sum(axis=0)       # sum_k W_k: maps g_in to g_out
         g_out = b + g_in @ W_sum
-        row = g_out
-    else:
-        g_out = xp.zeros(W.shape[2], W.dtype)
-        row = b
+        return g_in, W_sum, g_out, g_out
+    return g_in, None, xp.zeros(W.shape[2], W.dtype), b
+
+
+def _conv_grads(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, g_in, W_sum,
+                ground_state: bool, grad) -> tuple:
+    """Gradients (for x, weight, bias) of a convolution from those of its output."""
+    K = backend.kernels(x.device)
+    xp = backend.xp(x.device)
+    W = weight.data
+    gy, gg = grad
+    need_x = x.requires_grad
+    few = W.shape[1] < SMALL_CIN      # the weight gradient goes output by output
+    by_inputs = not few and rb.input_fill >= INPUT_SIDE_FILL
+    gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
+                             grad_input=need_x, window=rb.window if few else None,
+                             input_window=rb.input_window if by_inputs else None)
+    G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
+    if ground_state:
+        gW = gW + g_in[None, :, None] * G[None, None, :]
+    grad_x = None
+    if need_x:
+        g_gin = W_sum @ G - colsum(gx) if ground_state else xp.zeros_like(g_in)
+        grad_x = (gx, g_gin)
+    return grad_x, gW, G if bias is not None else None
+
+
+def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_geom,
+          ground_state: bool, name: str) -> SparseTensor:
+    K = backend.kernels(x.device)
+    g_in, W_sum, g_out, row = _conv_ground(x, weight, bias, ground_state)
     # forward goes output by output over the window (cached on the rulebook)
-    feats = K.conv_forward(x.features, W, row, g_in, rb.in_idx, rb.out_idx, rb.offsets,
-                           rb.n_out, window=rb.window)
-    few = W.shape[1] < SMALL_CIN      # then the weight gradient does too
+    feats = K.conv_forward(x.features, weight.data, row, g_in, rb.in_idx, rb.out_idx,
+                           rb.offsets, rb.n_out, window=rb.window)
     out = SparseTensor._make(out_geom, feats, g_out)
     if not is_grad_enabled():
         return out
 
     def backward(grad):
-        gy, gg = grad
-        need_x = x.requires_grad
-        by_inputs = not few and rb.input_fill >= INPUT_SIDE_FILL
-        gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
-                                 grad_input=need_x, window=rb.window if few else None,
-                                 input_window=rb.input_window if by_inputs else None)
-        G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
-        if ground_state:
-            gW = gW + g_in[None, :, None] * G[None, None, :]
-        grad_x = None
-        if need_x:
-            g_gin = W_sum @ G - colsum(gx) if ground_state else xp.zeros_like(g_in)
-            grad_x = (gx, g_gin)
-        return grad_x, gW, G if bias is not None else None
+        return _conv_grads(x, weight, bias, rb, g_in, W_sum, ground_state, grad)
 
     return record(out, [x, weight, bias], backward, name)
 
@@ -164,37 +178,90 @@ def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
     """
     s = pool_size if stride is None else stride
     _check_sparse(x, "MaxPooling")
-    if negative_slope is not None and not (isinstance(negative_slope, (int, float))
-                                           and 0 <= negative_slope < 1):
-        raise ValueError(f"MaxPooling: negative_slope must be None or a number in [0, 1), "
-                         f"got {negative_slope!r}")
-    a = None if negative_slope is None else float(negative_slope)
+    a = _check_slope(negative_slope, "MaxPooling")
     rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling", window=True)
     K = backend.kernels(x.device)
-    xp = backend.xp(x.device)
-    # active sites only (ground_state=False): a window always holds one, so -inf never wins
-    g = x.ground if ground_state else xp.full_like(x.ground, -xp.inf)
+    g, g_out = _pool_grounds(x.ground, ground_state, a)
     feats, argmax = K.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets,
                                       rb.n_out, window=rb.window, negative_slope=a)
-    g_out = x.ground if ground_state else x.ground * 0
-    if a is not None:
-        g_out = xp.maximum(g_out, g_out * x.dtype.type(a))
     out = SparseTensor._make(out_geom, feats, g_out)
-    # windows that partition the inputs let backward write each input row once
-    partition = rb.window if pool_size == s else None
 
     def backward(grad):
-        gy, gg = grad
-        gx, g_ground = K.maxpool_backward(gy, argmax, rb.in_idx, rb.out_idx, rb.offsets,
-                                          rb.n_in, window=partition, negative_slope=a,
-                                          output=feats if a is not None else None)
-        if not ground_state:
-            return ((gx, xp.zeros_like(x.ground)),)
-        if a is not None:       # the output ground went through the activation too
-            gg = xp.where(x.ground > 0, gg, gg * x.dtype.type(a))
-        return ((gx, g_ground + gg),)
+        return (_maxpool_grads(rb, x.ground, feats, argmax, ground_state, a, grad),)
 
     return record(out, [x], backward, "max_pooling")
+
+
+def _check_slope(negative_slope: float | None, what: str) -> float | None:
+    if negative_slope is not None and not (isinstance(negative_slope, (int, float))
+                                           and 0 <= negative_slope < 1):
+        raise ValueError(f"{what}: negative_slope must be None or a number in [0, 1), "
+                         f"got {negative_slope!r}")
+    return None if negative_slope is None else float(negative_slope)
+
+
+def _pool_grounds(ground, ground_state: bool, a: float | None):
+    """(candidate, output ground) of max-pooling an input whose ground is ``ground``: active
+    sites only (ground_state=False) put -inf as the candidate, which never wins since a
+    window always holds an active site."""
+    xp = backend.xp(backend.device_of(ground))
+    g = ground if ground_state else xp.full_like(ground, -xp.inf)
+    g_out = ground if ground_state else ground * 0
+    if a is not None:
+        g_out = xp.maximum(g_out, g_out * ground.dtype.type(a))
+    return g, g_out
+
+
+def _maxpool_grads(rb, ground, feats, argmax, ground_state: bool, a: float | None, grad):
+    """Gradient (features, ground) of max-pooling's input from that of its output."""
+    K = backend.kernels(backend.device_of(feats))
+    xp = backend.xp(backend.device_of(feats))
+    gy, gg = grad
+    # windows that partition the inputs let backward write each input row once
+    partition = rb.window if rb.filter_size == rb.stride else None
+    gx, g_ground = K.maxpool_backward(gy, argmax, rb.in_idx, rb.out_idx, rb.offsets,
+                                      rb.n_in, window=partition, negative_slope=a,
+                                      output=feats if a is not None else None)
+    if not ground_state:
+        return gx, xp.zeros_like(ground)
+    if a is not None:       # the output ground went through the activation too
+        gg = xp.where(ground > 0, gg, gg * ground.dtype.type(a))
+    return gx, g_ground + gg
+
+
+def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter | None,
+                            filter_size: int, stride: int, pool_size: int, *,
+                            ground_state: bool = True, pool_ground_state: bool = True,
+                            negative_slope: float | None = None) -> SparseTensor:
+    """``max_pooling(convolution(x, ...), pool_size)`` (pool stride = pool size) in one
+    kernel that never stores the convolution's output: the same values (the same argmax),
+    the same gradients. ``Sequential`` uses it for a ``Convolution`` followed by such a
+    ``MaxPooling``; ``negative_slope`` fuses a following activation as in max_pooling.
+    """
+    what = f"Convolution(filter_size={filter_size}, stride={stride})"
+    _check_sparse(x, what)
+    Kvol = filter_size ** x.dim
+    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
+    _check_param(weight, x, "weight", (Kvol, x.channels, weight.shape[2]), what)
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    a = _check_slope(negative_slope, "MaxPooling")
+    rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
+    prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling", window=True)
+    K = backend.kernels(x.device)
+    g_in, W_sum, g_mid, row = _conv_ground(x, weight, bias, ground_state)
+    g, g_out = _pool_grounds(g_mid, pool_ground_state, a)
+    feats, argmax = K.conv_maxpool_forward(x.features, weight.data, row, g_in, rb.window,
+                                           prb.window, g, negative_slope=a)
+    out = SparseTensor._make(out_geom, feats, g_out)
+    if not is_grad_enabled():
+        return out
+
+    def backward(grad):
+        mid = _maxpool_grads(prb, g_mid, feats, argmax, pool_ground_state, a, grad)
+        return _conv_grads(x, weight, bias, rb, g_in, W_sum, ground_state, mid)
+
+    return record(out, [x, weight, bias], backward, "convolution_max_pooling")
 
 
 def average_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,

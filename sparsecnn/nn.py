@@ -483,7 +483,19 @@ class Sequential(Module):
         while i < len(layers):
             m = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if type(m) is MaxPooling and type(nxt) in (ReLU, LeakyReLU):
+            if (type(m) is Convolution and type(nxt) is MaxPooling
+                    and nxt.pool_size == nxt.stride and m.in_channels >= F.SMALL_CIN):
+                # one kernel computes the convolution's rows window by window and pools
+                # them: its output never goes to memory (same values and gradients); a
+                # following activation runs in it too
+                act = layers[i + 2] if i + 2 < len(layers) else None
+                fuse_act = type(act) in (ReLU, LeakyReLU)
+                x = F.convolution_max_pooling(
+                    x, m.weight, m.bias, m.filter_size, m.stride, nxt.pool_size,
+                    ground_state=m.ground_state, pool_ground_state=nxt.ground_state,
+                    negative_slope=getattr(act, "negative_slope", 0.0) if fuse_act else None)
+                i += 3 if fuse_act else 2
+            elif type(m) is MaxPooling and type(nxt) in (ReLU, LeakyReLU):
                 # the activation runs inside the pooling kernel: same values and gradients,
                 # one pass over the features fewer
                 x = m.forward(x, negative_slope=getattr(nxt, "negative_slope", 0.0))

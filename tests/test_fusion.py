@@ -120,3 +120,98 @@ def test_maxpool_backward_kernel_paths_agree(dtype, rng):
                                         **kw)
         np.testing.assert_array_equal(with_w[0], without[0])
         np.testing.assert_allclose(with_w[1], without[1], **tol(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# convolution + max-pooling (+ activation) in one kernel
+
+CONV_POOL_CASES = [  # d, spatial, conv f, conv s, pool size, cin, density
+    (2, (13, 13), 2, 1, 2, 5, 0.25),
+    (2, (16, 14), 3, 1, 2, 1, 0.3),      # few input channels: the im2col path
+    (2, (17, 17), 3, 2, 2, 4, 0.4),      # strided convolution
+    (1, (19,), 2, 1, 3, 6, 0.5),
+    (3, (7, 5, 7), 2, 1, 2, 4, 0.3),
+    (2, (9, 9), 2, 1, 2, 8, 1.0),        # fully active: full windows, the ground never wins
+    (2, (9, 9), 2, 1, 2, 4, "one"),
+]
+
+
+def _conv_pool_unfused(x, conv, p, a, gs, pgs):
+    y = F.convolution(x, conv.weight, conv.bias, conv.filter_size, conv.stride, ground_state=gs)
+    return F.max_pooling(y, p, p, ground_state=pgs, negative_slope=a)
+
+
+@pytest.mark.parametrize("gs,pgs", [(True, True), (False, True), (True, False)],
+                         ids=["ground", "conv-no-ground", "pool-no-ground"])
+@pytest.mark.parametrize("a", [None, 0.0, 0.2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONV_POOL_CASES,
+                         ids=lambda c: f"d{c[0]}-f{c[2]}s{c[3]}-p{c[4]}-c{c[5]}-{c[6]}")
+def test_conv_pool_fused_equals_unfused(case, dtype, a, gs, pgs, rng):
+    """Values (bitwise: the same sums), ground, and every gradient (input features and
+    ground, weight, bias) as convolution then max_pooling (then the activation)."""
+    d, spatial, f, s, p, cin, density = case
+    x = random_sparse(rng, 3, spatial, cin, density, dtype)
+    conv = scn.Convolution(cin, 6, f, s, dim=d, dtype=dtype, seed=3)
+    conv.bias.data[:] = rng.standard_normal(6)
+    fused = F.convolution_max_pooling(x, conv.weight, conv.bias, f, s, p, ground_state=gs,
+                                      pool_ground_state=pgs, negative_slope=a)
+    plain = _conv_pool_unfused(x, conv, p, a, gs, pgs)
+    np.testing.assert_array_equal(fused.coords, plain.coords)
+    np.testing.assert_allclose(fused.features, plain.features, **tol(dtype))
+    np.testing.assert_array_equal(fused.ground, plain.ground)
+    grads = []
+    for y in (fused, plain):
+        x.grad = x.ground_grad = conv.weight.grad = conv.bias.grad = None
+        y.backward(_grads_seed(y, np.random.default_rng(5)))
+        grads.append((x.grad, x.ground_grad, conv.weight.grad, conv.bias.grad))
+    for g1, g2 in zip(*grads, strict=True):
+        np.testing.assert_allclose(g1, g2, **tol(dtype))
+
+
+def _grads_seed(y, rng):
+    return (rng.standard_normal(y.features.shape).astype(y.dtype),
+            rng.standard_normal(y.channels).astype(y.dtype))
+
+
+def test_conv_pool_kernel_matches_the_two_kernels(rng):
+    """conv_maxpool_forward = maxpool_forward(conv_forward(...)): values and argmax."""
+    for cin in (2, 7):
+        x = random_sparse(rng, 4, (21, 21), cin, 0.2, np.float32)
+        rb, mid = x.geometry.conv(2, 1, window=True)
+        prb, _ = mid.conv(2, 2, window=True)
+        w = rng.standard_normal((4, cin, 9)).astype(np.float32)
+        b = rng.standard_normal(9).astype(np.float32)
+        pg = rng.standard_normal(9).astype(np.float32)
+        y = _cpu.conv_forward(x.features, w, b, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
+                              rb.n_out, window=rb.window)
+        for a in (None, 0.1):
+            want = _cpu.maxpool_forward(y, pg, prb.in_idx, prb.out_idx, prb.offsets,
+                                        prb.n_out, window=prb.window, negative_slope=a)
+            got = _cpu.conv_maxpool_forward(x.features, w, b, x.ground, rb.window,
+                                            prb.window, pg, negative_slope=a)
+            np.testing.assert_allclose(got[0], want[0], **tol(np.float32))
+            np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_sequential_fuses_conv_and_pool(rng):
+    """Convolution (C_in >= 4) + MaxPooling(p, p) + activation runs as one op; layer by layer
+    gives the same values and gradients."""
+    net = scn.Sequential(scn.Convolution(4, 6, 2, seed=0), scn.MaxPooling(2, 2),
+                         scn.LeakyReLU(0.1), scn.Convolution(6, 3, 2, seed=1))
+    x = random_sparse(rng, 2, (11, 11), 4, 0.3, np.float32)
+    y = net(x)
+    assert y._node.parents[0]._node.name == "convolution_max_pooling"
+    h = x
+    for m in net:
+        h = m(h)
+    np.testing.assert_allclose(y.features, h.features, **tol(np.float32))
+    seed = _grads_seed(y, np.random.default_rng(0))
+    res = []
+    for out in (y, h):
+        net.zero_grad()
+        x.grad = x.ground_grad = None
+        out.backward(seed)
+        res.append([p.grad.copy() for p in net.parameters()] + [x.grad, x.ground_grad])
+    for g1, g2 in zip(*res, strict=True):
+        np.testing.assert_allclose(g1, g2, **tol(np.float32))

@@ -14,6 +14,7 @@ _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from ._conv import conv_backward as _conv_backward  # noqa: E402
 from ._conv import conv_forward as _conv_forward  # noqa: E402
+from ._conv import conv_maxpool_forward as _conv_maxpool_forward  # noqa: E402
 from ._openmp import USE_OPENMP, max_threads  # noqa: E402
 from ._pool import avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward  # noqa: E402
 from ._reduce import column_sums  # noqa: E402
@@ -27,6 +28,7 @@ from ._threads import blas_info, single_threaded_blas, with_single_threaded_blas
 
 conv_forward = with_single_threaded_blas(_conv_forward)
 conv_backward = with_single_threaded_blas(_conv_backward)
+conv_maxpool_forward = with_single_threaded_blas(_conv_maxpool_forward)
 
 KERNEL_NAMES = (
     "build_hash",
@@ -35,6 +37,7 @@ KERNEL_NAMES = (
     "build_window",
     "conv_forward",
     "conv_backward",
+    "conv_maxpool_forward",
     "maxpool_forward",
     "maxpool_backward",
     "avgpool_forward",
@@ -44,9 +47,8 @@ KERNEL_NAMES = (
 
 __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
-    "conv_forward",
-    "conv_backward", "maxpool_forward", "maxpool_backward", "avgpool_forward",
-    "avgpool_backward", "column_sums", "KERNEL_NAMES", "USE_OPENMP", "max_threads", "blas_info",
-    "single_threaded_blas",
+    "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
+    "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "KERNEL_NAMES",
+    "USE_OPENMP", "max_threads", "blas_info", "single_threaded_blas",
 ]
 assert set(KERNEL_NAMES) <= set(__all__)

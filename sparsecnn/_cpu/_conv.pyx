@@ -24,6 +24,8 @@ import numpy as np
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
 from ._omp cimport barrier
 from ._rows cimport (
+    leaky_row,
+    max_row,
     scn_add_double,
     scn_add_float,
     scn_axpy_double,
@@ -89,23 +91,25 @@ cdef void _fwd_chunk(const floating* x, const floating* w, const floating* g,
 
 
 cdef void _out_chunk(const floating* x, const floating* w, const floating* g,
-                     const floating* bias, const int32_t* win, Py_ssize_t o0, Py_ssize_t r,
-                     int K, int cin, int cout, floating* gbuf, floating* ybuf, int32_t* sel,
-                     int32_t* src, floating* out) noexcept nogil:
-    """Outputs o0 <= o < o0 + r, all offsets: out[o] = bias, then for k = 0, 1, ...: the
-    outputs whose window has an input at offset k are gathered (x - g), multiplied by w[k]
-    and added to their rows, which stay in cache for the whole chunk (written once to
-    memory, no bias pass over the whole output, no barrier between offsets). Per output the
-    same sums in the same order as the per-offset path. win: (n_out, K) row-major."""
-    cdef Py_ssize_t t, j, m
+                     const floating* bias, const int32_t* win, const int32_t* rows,
+                     Py_ssize_t o0, Py_ssize_t r, int K, int cin, int cout, floating* gbuf,
+                     floating* ybuf, int32_t* sel, int32_t* src, floating* dst) noexcept nogil:
+    """r outputs, all offsets: output rows o0 + t (or rows[t] if rows is not NULL) computed
+    into dst[t] (row stride cout): dst[t] = bias, then for k = 0, 1, ...: the outputs whose
+    window has an input at offset k are gathered (x - g), multiplied by w[k] and added to
+    their rows, which stay in cache for the whole chunk (written once to memory, no bias
+    pass over the whole output, no barrier between offsets). Per output the same sums in
+    the same order as the per-offset path. win: (n_out, K) row-major."""
+    cdef Py_ssize_t t, j, m, o
     cdef int k
     cdef int32_t i
     for t in range(r):
-        memcpy(out + (o0 + t) * cout, bias, cout * sizeof(floating))
+        memcpy(dst + t * cout, bias, cout * sizeof(floating))
     for k in range(K):
         m = 0
         for t in range(r):          # branch-free compaction: which are present has no pattern
-            i = win[(o0 + t) * K + k]
+            o = o0 + t if rows == NULL else rows[t]
+            i = win[o * K + k]
             sel[m] = <int32_t>t
             src[m] = i
             m += i >= 0
@@ -115,37 +119,40 @@ cdef void _out_chunk(const floating* x, const floating* w, const floating* g,
             _sub(x + <Py_ssize_t>src[j] * cin, g, gbuf + j * cin, cin)
         _gemm_nn(<int>m, cout, cin, gbuf, w + <Py_ssize_t>k * cin * cout, <floating>0, ybuf)
         for j in range(m):
-            _add(ybuf + j * cout, out + (o0 + sel[j]) * cout, cout)
+            _add(ybuf + j * cout, dst + <Py_ssize_t>sel[j] * cout, cout)
 
 
 cdef void _im2col(const floating* xg, Py_ssize_t n_in, const int32_t[:, ::1] win,
-                  Py_ssize_t o0, Py_ssize_t r, int cin, floating* a, int lda) noexcept nogil:
-    """a[t, k * cin + ci] = xg[win[o0 + t, k], ci] for t < r, where xg (n_in + 1, cin) holds
+                  const int32_t* rows, Py_ssize_t o0, Py_ssize_t r, int cin, floating* a,
+                  int lda) noexcept nogil:
+    """a[t, k * cin + ci] = xg[win[o, k], ci] for t < r and o = o0 + t (or rows[t] if rows
+    is not NULL), where xg (n_in + 1, cin) holds
     features - ground and a last row of zeros, taken where the window has no input
     (win < 0): the outputs' windows as the rows of a matrix (row stride lda). Branch-free:
     which offsets are present varies from output to output without pattern."""
     cdef int K = win.shape[1], k, ci
-    cdef Py_ssize_t t
+    cdef Py_ssize_t t, o
     cdef int32_t i
     cdef const floating* src
     cdef floating* dst
     for t in range(r):
         dst = a + t * lda
+        o = o0 + t if rows == NULL else rows[t]
         # cin written out for 1 and 2: a variable-length copy of a few floats becomes a
         # memcpy call per window entry
         if cin == 1:
             for k in range(K):
-                i = win[o0 + t, k]
+                i = win[o, k]
                 dst[k] = xg[<Py_ssize_t>i if i >= 0 else n_in]
         elif cin == 2:
             for k in range(K):
-                i = win[o0 + t, k]
+                i = win[o, k]
                 src = xg + 2 * (<Py_ssize_t>i if i >= 0 else n_in)
                 dst[2 * k] = src[0]
                 dst[2 * k + 1] = src[1]
         else:
             for k in range(K):
-                i = win[o0 + t, k]
+                i = win[o, k]
                 src = xg + (<Py_ssize_t>i if i >= 0 else n_in) * cin
                 for ci in range(cin):
                     dst[k * cin + ci] = src[ci]
@@ -181,7 +188,7 @@ cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb
         for c in prange(nch, schedule='static'):
             o0 = c * FWD_CHUNK
             r = min(FWD_CHUNK, n_out - o0)
-            _im2col(xg, n_in, win, o0, r, cin, abuf, KC)
+            _im2col(xg, n_in, win, NULL, o0, r, cin, abuf, KC)
             for t in range(r):
                 abuf[t * KC + KC - 1] = 1
             _gemm_nn(<int>r, cout, KC, abuf, &wb[0, 0], <floating>0, &out[o0, 0])
@@ -242,8 +249,8 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
             for c in prange(nch, schedule='dynamic'):
                 o = c * rows
                 _out_chunk(&features[0, 0], &weight[0, 0, 0], &ground[0], &bias[0], &win[0, 0],
-                           o, min(rows, n_out - o), K, cin, cout, gbuf, ybuf, sel, src,
-                           &out[0, 0])
+                           NULL, o, min(rows, n_out - o), K, cin, cout, gbuf, ybuf, sel, src,
+                           &out[o, 0])
             free(gbuf)
             free(ybuf)
             free(sel)
@@ -403,7 +410,7 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
                     for e0 in range(K * E):
                         flat[c, e0] = 0
                     continue
-                _im2col(xg, n_in, win, c * FWD_CHUNK, a, cin, abuf, K * cin)
+                _im2col(xg, n_in, win, NULL, c * FWD_CHUNK, a, cin, abuf, K * cin)
                 _gemm_tn(K * cin, cout, <int>a, abuf, &grad_out[c * FWD_CHUNK, 0],
                          <floating>0, &flat[c, 0])
             free(abuf)
@@ -516,3 +523,106 @@ cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g
             e0 = t * RED_BLOCK
             _sum_partials(&part[0, 0], E, ngr, e0, min(e0 + RED_BLOCK, E), &flat[0])
     np.asarray(gw)[...] = flat_a.reshape(cin, K, cout).transpose(1, 0, 2)
+
+
+def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
+                         const floating[::1] bias, const floating[::1] ground,
+                         const int32_t[:, ::1] window, const int32_t[:, ::1] pool_window,
+                         const floating[::1] pool_ground, *, negative_slope=None):
+    """maxpool_forward(conv_forward(...)) without storing the convolution's output.
+
+    features, weight, bias, ground : as conv_forward                     # IN
+    window : (n_conv, K) int32, the convolution rulebook's window        # IN
+    pool_window : (n_out, K2) int32, the pooling rulebook's window over the convolution's
+             outputs; the pooling windows must partition them (pool size == stride)   # IN
+    pool_ground : (C_out,) the pooling's ground candidate (the convolution's output ground,
+             or -inf for active sites only); negative_slope as maxpool_forward      # IN
+    Returns out (n_out, C_out) and argmax (n_out, C_out) int32 (the convolution output row
+    that won, -1 for the ground): what maxpool_forward returns for conv_forward's output,
+    up to the rounding of the convolution's rows (computed in different chunks).
+    Per chunk of pooling outputs, the convolution rows of their windows are computed into
+    a private buffer (output-stationary, or im2col + GEMM for few input channels) and
+    max-pooled at once: the convolution's output never goes to memory.
+    """
+    cdef Py_ssize_t n_out = pool_window.shape[0], n_in = features.shape[0]
+    cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2]
+    cdef int K2 = pool_window.shape[1], KC = K * cin + 1, k2, c
+    dtype = np.float32 if floating is float else np.float64
+    out_a = np.empty((n_out, cout), dtype=dtype)
+    # argmax offset by half a page from out (as in maxpool_forward)
+    arg_a = np.empty(n_out * cout + 512, dtype=np.int32)[512:].reshape(n_out, cout)
+    if n_out == 0:
+        return out_a, arg_a
+    cdef floating[:, ::1] out = out_a
+    cdef int32_t[:, ::1] arg = arg_a
+    cdef bint small = cin < SMALL_CIN, gap, act = negative_slope is not None
+    cdef floating a = negative_slope if act else 0
+    cdef floating neg_inf = -np.inf
+    wb_a = np.concatenate([np.asarray(weight).reshape(K * cin, cout),
+                           np.asarray(bias).reshape(1, cout)])
+    cdef const floating[:, ::1] wb = wb_a
+    # pooling outputs per task: their windows hold at most FWD_CHUNK convolution rows
+    cdef Py_ssize_t per = max(1, min(FWD_CHUNK // K2, (n_out + 7) // 8))
+    cdef Py_ssize_t nch = (n_out + per - 1) // per, ch, p0, r2, t, m, j, i
+    cdef floating* xg = NULL
+    cdef floating* ybuf
+    cdef floating* gbuf
+    cdef floating* hbuf
+    cdef int32_t* lst
+    cdef int32_t* pos
+    cdef int32_t* sel
+    cdef int32_t* src
+    cdef int32_t o
+    if small:
+        xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
+    with nogil, parallel():
+        if small:
+            for i in prange(n_in + 1, schedule='static'):
+                _xg_row(features, ground, i, xg)
+            barrier()
+        ybuf = <floating*>malloc(per * K2 * cout * sizeof(floating))
+        gbuf = <floating*>malloc(per * K2 * max(cin, KC) * sizeof(floating))
+        hbuf = <floating*>malloc(per * K2 * cout * sizeof(floating))
+        lst = <int32_t*>malloc(4 * per * K2 * sizeof(int32_t))
+        pos = lst + per * K2
+        sel = pos + per * K2
+        src = sel + per * K2
+        for ch in prange(nch, schedule='dynamic'):
+            p0 = ch * per
+            r2 = min(per, n_out - p0)
+            m = 0                       # the convolution rows of these windows, in order
+            for t in range(r2 * K2):
+                o = pool_window[p0 + t // K2, t % K2]
+                pos[t] = <int32_t>m if o >= 0 else -1
+                if o >= 0:
+                    lst[m] = o
+                    m = m + 1
+            if small:
+                _im2col(xg, n_in, window, lst, 0, m, cin, gbuf, KC)
+                for j in range(m):
+                    gbuf[j * KC + KC - 1] = 1
+                _gemm_nn(<int>m, cout, KC, gbuf, &wb[0, 0], <floating>0, ybuf)
+            else:
+                _out_chunk(&features[0, 0], &weight[0, 0, 0], &ground[0], &bias[0],
+                           &window[0, 0], lst, 0, m, K, cin, cout, gbuf, hbuf, sel, src,
+                           ybuf)
+            for t in range(r2):         # max-pool them, as maxpool_forward does
+                gap = False
+                for k2 in range(K2):
+                    gap = gap or pos[t * K2 + k2] < 0
+                for c in range(cout):
+                    out[p0 + t, c] = pool_ground[c] if gap else neg_inf
+                    arg[p0 + t, c] = -1
+                for k2 in range(K2):
+                    j = pos[t * K2 + k2]
+                    if j >= 0:
+                        max_row(ybuf + j * cout, &out[p0 + t, 0], &arg[p0 + t, 0], lst[j],
+                                cout)
+                if act:
+                    leaky_row(&out[p0 + t, 0], a, cout)
+        free(ybuf)
+        free(gbuf)
+        free(hbuf)
+        free(lst)
+    free(xg)
+    return out_a, arg_a

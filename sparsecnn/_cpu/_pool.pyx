@@ -10,6 +10,16 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdlib cimport calloc, free, malloc
 
 from ._omp cimport barrier
+from ._rows cimport (
+    leaky_row,
+    max_row,
+    scn_leaky_grad_row_double,
+    scn_leaky_grad_row_float,
+    scn_max_row_backward_double,
+    scn_max_row_backward_float,
+    scn_route_row_double,
+    scn_route_row_float,
+)
 
 import numpy as np
 
@@ -26,75 +36,6 @@ cdef void _count_active(const int32_t[::1] out_idx, int32_t* count,
         count[q] = 0
     for q in range(out_idx.shape[0]):
         count[out_idx[q]] += 1
-
-
-cdef extern from *:
-    """
-    /* out = max(out, x), arg = i where x won: branch-free, restrict-qualified so gcc
-       vectorises it without a run-time aliasing check. */
-    #define SCN_MAX_ROW(T)                                                               \
-    static inline void scn_max_row_##T(const T *__restrict__ x, T *__restrict__ out,     \
-                                       int32_t *__restrict__ arg, int32_t i, Py_ssize_t C) { \
-        for (Py_ssize_t c = 0; c < C; c++) {                                             \
-            T v = x[c], cur = out[c];                                                    \
-            int32_t m = -(int32_t)(v > cur), a = arg[c];                                 \
-            out[c] = v > cur ? v : cur;                                                  \
-            arg[c] = (a & ~m) | (i & m);                                                 \
-        }                                                                                \
-    }                                                                                    \
-    static inline void scn_route_row_##T(const T *__restrict__ gy,                       \
-                                         const int32_t *__restrict__ arg,                \
-                                         T *__restrict__ gx, int32_t i, Py_ssize_t C) {  \
-        for (Py_ssize_t c = 0; c < C; c++)                                               \
-            gx[c] = arg[c] == i ? gy[c] : (T)0;                                          \
-    }                                                                                    \
-    static inline void scn_leaky_row_##T(T *__restrict__ y, T a, Py_ssize_t C) {         \
-        for (Py_ssize_t c = 0; c < C; c++)                                               \
-            y[c] = y[c] > a * y[c] ? y[c] : a * y[c];                                    \
-    }                                                                                    \
-    /* gd = gy * (1 where y > 0, a elsewhere): the (leaky) ReLU's backward from its output */ \
-    static inline void scn_leaky_grad_row_##T(const T *__restrict__ gy,                  \
-                                              const T *__restrict__ y, T a,              \
-                                              T *__restrict__ gd, Py_ssize_t C) {        \
-        for (Py_ssize_t c = 0; c < C; c++)                                               \
-            gd[c] = y[c] > 0 ? gy[c] : gy[c] * a;                                        \
-    }                                                                                    \
-    static inline void scn_max_row_backward_##T(const T *__restrict__ gy,                \
-                                                const int32_t *__restrict__ arg,         \
-                                                T *__restrict__ gx, int32_t i,           \
-                                                Py_ssize_t C) {                          \
-        for (Py_ssize_t c = 0; c < C; c++)                                               \
-            gx[c] += gy[c] * (T)(arg[c] == i);                                           \
-    }
-    SCN_MAX_ROW(float)
-    SCN_MAX_ROW(double)
-    """
-    void scn_max_row_float(const float* x, float* out, int32_t* arg, int32_t i,
-                           Py_ssize_t C) noexcept nogil
-    void scn_max_row_double(const double* x, double* out, int32_t* arg, int32_t i,
-                            Py_ssize_t C) noexcept nogil
-    void scn_max_row_backward_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
-                                    Py_ssize_t C) noexcept nogil
-    void scn_route_row_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
-                             Py_ssize_t C) noexcept nogil
-    void scn_leaky_row_float(float* y, float a, Py_ssize_t C) noexcept nogil
-    void scn_leaky_row_double(double* y, double a, Py_ssize_t C) noexcept nogil
-    void scn_leaky_grad_row_float(const float* gy, const float* y, float a, float* gd,
-                                  Py_ssize_t C) noexcept nogil
-    void scn_leaky_grad_row_double(const double* gy, const double* y, double a, double* gd,
-                                   Py_ssize_t C) noexcept nogil
-    void scn_route_row_double(const double* gy, const int32_t* arg, double* gx, int32_t i,
-                              Py_ssize_t C) noexcept nogil
-    void scn_max_row_backward_double(const double* gy, const int32_t* arg, double* gx,
-                                     int32_t i, Py_ssize_t C) noexcept nogil
-
-
-cdef inline void _max_row(const floating* x, floating* out, int32_t* arg, int32_t i,
-                          Py_ssize_t C) noexcept nogil:
-    if floating is float:
-        scn_max_row_float(x, out, arg, i, C)
-    else:
-        scn_max_row_double(x, out, arg, i, C)
 
 
 cdef inline void _max_row_backward(const floating* gy, const int32_t* arg, floating* gx,
@@ -151,18 +92,10 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
             for k in range(K):
                 i = win[o, k]
                 if i >= 0:
-                    _max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
+                    max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
             if act:
-                _leaky_row(&out[o, 0], a, C)
+                leaky_row(&out[o, 0], a, C)
     return out_a, arg_a
-
-
-cdef inline void _leaky_row(floating* y, floating a, Py_ssize_t C) noexcept nogil:
-    """y = max(y, a y)"""
-    if floating is float:
-        scn_leaky_row_float(y, a, C)
-    else:
-        scn_leaky_row_double(y, a, C)
 
 
 cdef inline void _leaky_grad_row(const floating* gy, const floating* y, floating a,

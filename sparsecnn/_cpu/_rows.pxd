@@ -1,5 +1,9 @@
 # Row operations on contiguous float/double rows, restrict-qualified so that gcc vectorises
 # them without run-time aliasing checks (the callers never pass overlapping rows).
+from cython cimport floating
+from libc.stdint cimport int32_t
+
+
 cdef extern from *:
     """
     #define SCN_ROW_OPS(T)                                                                \
@@ -25,3 +29,82 @@ cdef extern from *:
     void scn_sub_float(const float* x, const float* g, float* y, Py_ssize_t n) noexcept nogil
     void scn_sub_double(const double* x, const double* g, double* y,
                         Py_ssize_t n) noexcept nogil
+
+
+# Pooling rows: max with argmax, gradient routing, (leaky) ReLU and its gradient.
+cdef extern from *:
+    """
+    /* out = max(out, x), arg = i where x won: branch-free, restrict-qualified so gcc
+       vectorises it without a run-time aliasing check. */
+    #define SCN_MAX_ROW(T)                                                               \
+    static inline void scn_max_row_##T(const T *__restrict__ x, T *__restrict__ out,     \
+                                       int32_t *__restrict__ arg, int32_t i, Py_ssize_t C) { \
+        for (Py_ssize_t c = 0; c < C; c++) {                                             \
+            T v = x[c], cur = out[c];                                                    \
+            int32_t m = -(int32_t)(v > cur), a = arg[c];                                 \
+            out[c] = v > cur ? v : cur;                                                  \
+            arg[c] = (a & ~m) | (i & m);                                                 \
+        }                                                                                \
+    }                                                                                    \
+    static inline void scn_route_row_##T(const T *__restrict__ gy,                       \
+                                         const int32_t *__restrict__ arg,                \
+                                         T *__restrict__ gx, int32_t i, Py_ssize_t C) {  \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gx[c] = arg[c] == i ? gy[c] : (T)0;                                          \
+    }                                                                                    \
+    static inline void scn_leaky_row_##T(T *__restrict__ y, T a, Py_ssize_t C) {         \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            y[c] = y[c] > a * y[c] ? y[c] : a * y[c];                                    \
+    }                                                                                    \
+    /* gd = gy * (1 where y > 0, a elsewhere): the (leaky) ReLU's backward from its output */ \
+    static inline void scn_leaky_grad_row_##T(const T *__restrict__ gy,                  \
+                                              const T *__restrict__ y, T a,              \
+                                              T *__restrict__ gd, Py_ssize_t C) {        \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gd[c] = y[c] > 0 ? gy[c] : gy[c] * a;                                        \
+    }                                                                                    \
+    static inline void scn_max_row_backward_##T(const T *__restrict__ gy,                \
+                                                const int32_t *__restrict__ arg,         \
+                                                T *__restrict__ gx, int32_t i,           \
+                                                Py_ssize_t C) {                          \
+        for (Py_ssize_t c = 0; c < C; c++)                                               \
+            gx[c] += gy[c] * (T)(arg[c] == i);                                           \
+    }
+    SCN_MAX_ROW(float)
+    SCN_MAX_ROW(double)
+    """
+    void scn_max_row_float(const float* x, float* out, int32_t* arg, int32_t i,
+                           Py_ssize_t C) noexcept nogil
+    void scn_max_row_double(const double* x, double* out, int32_t* arg, int32_t i,
+                            Py_ssize_t C) noexcept nogil
+    void scn_max_row_backward_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
+                                    Py_ssize_t C) noexcept nogil
+    void scn_route_row_float(const float* gy, const int32_t* arg, float* gx, int32_t i,
+                             Py_ssize_t C) noexcept nogil
+    void scn_leaky_row_float(float* y, float a, Py_ssize_t C) noexcept nogil
+    void scn_leaky_row_double(double* y, double a, Py_ssize_t C) noexcept nogil
+    void scn_leaky_grad_row_float(const float* gy, const float* y, float a, float* gd,
+                                  Py_ssize_t C) noexcept nogil
+    void scn_leaky_grad_row_double(const double* gy, const double* y, double a, double* gd,
+                                   Py_ssize_t C) noexcept nogil
+    void scn_route_row_double(const double* gy, const int32_t* arg, double* gx, int32_t i,
+                              Py_ssize_t C) noexcept nogil
+    void scn_max_row_backward_double(const double* gy, const int32_t* arg, double* gx,
+                                     int32_t i, Py_ssize_t C) noexcept nogil
+
+
+cdef inline void max_row(const floating* x, floating* out, int32_t* arg, int32_t i,
+                         Py_ssize_t C) noexcept nogil:
+    """out = max(out, x); arg = i where x won (ties keep the earlier candidate)"""
+    if floating is float:
+        scn_max_row_float(x, out, arg, i, C)
+    else:
+        scn_max_row_double(x, out, arg, i, C)
+
+
+cdef inline void leaky_row(floating* y, floating a, Py_ssize_t C) noexcept nogil:
+    """y = max(y, a y)"""
+    if floating is float:
+        scn_leaky_row_float(y, a, C)
+    else:
+        scn_leaky_row_double(y, a, C)
