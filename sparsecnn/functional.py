@@ -119,6 +119,16 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
     return record(out, [x, weight, bias], backward, name)
 
 
+def _check_conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, filter_size: int,
+                what: str) -> None:
+    """A convolution's input, weight (f**d, C_in, C_out) and bias (C_out,) fit together."""
+    _check_sparse(x, what)
+    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
+    _check_param(weight, x, "weight", (filter_size ** x.dim, x.channels, weight.shape[2]), what)
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[2],), what)
+
+
 def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filter_size: int,
                 stride: int = 1, *, ground_state: bool = True) -> SparseTensor:
     """Valid sparse convolution.
@@ -133,13 +143,8 @@ def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
     weight : Parameter of shape (f**d, C_in, C_out)
     bias : Parameter of shape (C_out,) or None
     """
-    what = f"Convolution(filter_size={filter_size}, stride={stride})"
-    _check_sparse(x, what)
-    K = filter_size ** x.dim
-    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
-    _check_param(weight, x, "weight", (K, x.channels, weight.shape[2]), what)
-    if bias is not None:
-        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    _check_conv(x, weight, bias, filter_size,
+                f"Convolution(filter_size={filter_size}, stride={stride})")
     rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
 
@@ -155,12 +160,8 @@ def submanifold_convolution(x: SparseTensor, weight: Parameter, bias: Parameter 
     x : SparseTensor with C_in channels
     weight : Parameter of shape (f**d, C_in, C_out); bias : Parameter (C_out,) or None
     """
-    what = f"SubmanifoldConvolution(filter_size={filter_size})"
-    _check_sparse(x, what)
-    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
-    _check_param(weight, x, "weight", (filter_size ** x.dim, x.channels, weight.shape[2]), what)
-    if bias is not None:
-        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    _check_conv(x, weight, bias, filter_size,
+                f"SubmanifoldConvolution(filter_size={filter_size})")
     rb = x.geometry.submanifold(filter_size)
     return _conv(x, weight, bias, rb, x.geometry, ground_state, "submanifold_convolution")
 
@@ -238,13 +239,8 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
     the same gradients. ``Sequential`` uses it for a ``Convolution`` followed by such a
     ``MaxPooling``; ``negative_slope`` fuses a following activation as in max_pooling.
     """
-    what = f"Convolution(filter_size={filter_size}, stride={stride})"
-    _check_sparse(x, what)
-    Kvol = filter_size ** x.dim
-    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
-    _check_param(weight, x, "weight", (Kvol, x.channels, weight.shape[2]), what)
-    if bias is not None:
-        _check_param(bias, x, "bias", (weight.shape[2],), what)
+    _check_conv(x, weight, bias, filter_size,
+                f"Convolution(filter_size={filter_size}, stride={stride})")
     a = _check_slope(negative_slope, "MaxPooling")
     rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling", window=True)
