@@ -484,7 +484,7 @@ class Sequential(Module):
             m = layers[i]
             nxt = layers[i + 1] if i + 1 < len(layers) else None
             if (type(m) is Convolution and type(nxt) is MaxPooling
-                    and nxt.pool_size == nxt.stride and m.in_channels >= F.SMALL_CIN):
+                    and nxt.pool_size == nxt.stride):
                 # one kernel computes the convolution's rows window by window and pools
                 # them: its output never goes to memory (same values and gradients); a
                 # following activation runs in it too

@@ -195,8 +195,8 @@ def test_conv_pool_kernel_matches_the_two_kernels(rng):
 
 
 def test_sequential_fuses_conv_and_pool(rng):
-    """Convolution (C_in >= 4) + MaxPooling(p, p) + activation runs as one op; layer by layer
-    gives the same values and gradients."""
+    """Convolution + MaxPooling(p, p) + activation runs as one op; layer by layer gives the
+    same values and gradients."""
     net = scn.Sequential(scn.Convolution(4, 6, 2, seed=0), scn.MaxPooling(2, 2),
                          scn.LeakyReLU(0.1), scn.Convolution(6, 3, 2, seed=1))
     x = random_sparse(rng, 2, (11, 11), 4, 0.3, np.float32)
