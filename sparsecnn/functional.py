@@ -238,6 +238,13 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
     kernel that never stores the convolution's output: the same values (the same argmax),
     the same gradients. ``Sequential`` uses it for a ``Convolution`` followed by such a
     ``MaxPooling``; ``negative_slope`` fuses a following activation as in max_pooling.
+
+    Parameters
+    ----------
+    x : SparseTensor with C_in channels
+    weight : Parameter of shape (f**d, C_in, C_out); bias : Parameter (C_out,) or None
+    ground_state, pool_ground_state : those of the convolution and of the pooling
+    Returns the pooled SparseTensor, (n_out, C_out), float32/float64 like x.
     """
     _check_conv(x, weight, bias, filter_size,
                 f"Convolution(filter_size={filter_size}, stride={stride})")
