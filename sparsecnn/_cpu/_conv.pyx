@@ -168,6 +168,14 @@ cdef inline void _xg_row(const floating[:, ::1] x, const floating[::1] g, Py_ssi
         xg[i * cin + ci] = x[i, ci] - g[ci] if i < n_in else 0
 
 
+def _weight_bias(weight, bias):
+    """[weight as (K * C_in, C_out); bias]: the matrix the few-channel im2col rows (with their
+    column of ones) are multiplied by."""
+    K, cin, cout = weight.shape[0], weight.shape[1], weight.shape[2]
+    return np.concatenate([np.asarray(weight).reshape(K * cin, cout),
+                           np.asarray(bias).reshape(1, cout)])
+
+
 cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb,
                              const floating[::1] g, const int32_t[:, ::1] win,
                              floating[:, ::1] out) noexcept nogil:
@@ -229,9 +237,7 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
         if window is None:
             window = build_window(in_idx, out_idx, offsets, n_out)
         win = window
-        wb_a = np.concatenate([np.asarray(weight).reshape(K * cin, cout),
-                               np.asarray(bias).reshape(1, cout)])
-        wb = wb_a
+        wb = _weight_bias(weight, bias)
         with nogil:
             _small_cin_forward(features, wb, ground, win, out)
         return out_a
@@ -558,9 +564,9 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
     cdef bint small = cin < SMALL_CIN, gap, act = negative_slope is not None
     cdef floating a = negative_slope if act else 0
     cdef floating neg_inf = -np.inf
-    wb_a = np.concatenate([np.asarray(weight).reshape(K * cin, cout),
-                           np.asarray(bias).reshape(1, cout)])
-    cdef const floating[:, ::1] wb = wb_a
+    cdef const floating[:, ::1] wb
+    if small:
+        wb = _weight_bias(weight, bias)
     # pooling outputs per task: their windows hold at most FWD_CHUNK convolution rows
     cdef Py_ssize_t per = max(1, min(FWD_CHUNK // K2, (n_out + 7) // 8))
     cdef Py_ssize_t nch = (n_out + per - 1) // per, ch, p0, r2, t, m, j, i
