@@ -24,8 +24,7 @@ import numpy as np
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
 from ._omp cimport barrier
 from ._rows cimport (
-    leaky_row,
-    max_row,
+    pool_row,
     scn_add_double,
     scn_add_float,
     scn_axpy_double,
@@ -552,7 +551,7 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
     """
     cdef Py_ssize_t n_out = pool_window.shape[0], n_in = features.shape[0]
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2]
-    cdef int K2 = pool_window.shape[1], KC = K * cin + 1, k2, c
+    cdef int K2 = pool_window.shape[1], KC = K * cin + 1
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, cout), dtype=dtype)
     # argmax offset by half a page from out (as in maxpool_forward)
@@ -613,19 +612,8 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
                            &window[0, 0], lst, 0, m, K, cin, cout, gbuf, hbuf, sel, src,
                            ybuf)
             for t in range(r2):         # max-pool them, as maxpool_forward does
-                gap = False
-                for k2 in range(K2):
-                    gap = gap or pos[t * K2 + k2] < 0
-                for c in range(cout):
-                    out[p0 + t, c] = pool_ground[c] if gap else neg_inf
-                    arg[p0 + t, c] = -1
-                for k2 in range(K2):
-                    j = pos[t * K2 + k2]
-                    if j >= 0:
-                        max_row(ybuf + j * cout, &out[p0 + t, 0], &arg[p0 + t, 0], lst[j],
-                                cout)
-                if act:
-                    leaky_row(&out[p0 + t, 0], a, cout)
+                pool_row(pos + t * K2, K2, ybuf, cout, lst, &pool_ground[0], &out[p0 + t, 0],
+                         &arg[p0 + t, 0], act, a)
         free(ybuf)
         free(gbuf)
         free(hbuf)

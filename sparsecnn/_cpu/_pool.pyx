@@ -11,8 +11,7 @@ from libc.stdlib cimport calloc, free, malloc
 
 from ._omp cimport barrier
 from ._rows cimport (
-    leaky_row,
-    max_row,
+    pool_row,
     scn_leaky_grad_row_double,
     scn_leaky_grad_row_float,
     scn_max_row_backward_double,
@@ -62,11 +61,8 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     ground. Ties go to the earliest candidate: the ground, then offsets in row-major order.
     Works output by output over the window: each output row is written once.
     """
-    cdef int K = offsets.shape[0] - 1, k
-    cdef Py_ssize_t C = features.shape[1], o, c
-    cdef int32_t i
-    cdef bint gap
-    cdef floating neg_inf = -np.inf
+    cdef int K = offsets.shape[0] - 1
+    cdef Py_ssize_t C = features.shape[1], o
     dtype = np.float32 if floating is float else np.float64
     out_a = np.empty((n_out, C), dtype=dtype)
     # offset argmax by half a page from out: rows o of both arrays would otherwise share
@@ -83,18 +79,8 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     cdef floating a = negative_slope if act else 0
     with nogil:
         for o in prange(n_out, schedule='static'):
-            gap = False
-            for k in range(K):
-                gap = gap or win[o, k] < 0
-            for c in range(C):
-                out[o, c] = ground[c] if gap else neg_inf
-                arg[o, c] = -1
-            for k in range(K):
-                i = win[o, k]
-                if i >= 0:
-                    max_row(&features[i, 0], &out[o, 0], &arg[o, 0], i, C)
-            if act:
-                leaky_row(&out[o, 0], a, C)
+            pool_row(&win[o, 0], K, &features[0, 0], C, NULL, &ground[0], &out[o, 0],
+                     &arg[o, 0], act, a)
     return out_a, arg_a
 
 

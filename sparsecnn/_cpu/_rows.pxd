@@ -1,6 +1,7 @@
 # Row operations on contiguous float/double rows, restrict-qualified so that gcc vectorises
 # them without run-time aliasing checks (the callers never pass overlapping rows).
 from cython cimport floating
+from libc.math cimport INFINITY
 from libc.stdint cimport int32_t
 
 
@@ -108,3 +109,28 @@ cdef inline void leaky_row(floating* y, floating a, Py_ssize_t C) noexcept nogil
         scn_leaky_row_float(y, a, C)
     else:
         scn_leaky_row_double(y, a, C)
+
+
+cdef inline void pool_row(const int32_t* cand, int K, const floating* rows, Py_ssize_t C,
+                          const int32_t* label, const floating* ground, floating* out,
+                          int32_t* arg, bint act, floating a) noexcept nogil:
+    """One max-pooling output (C channels): the max over the candidates rows[cand[k]] (rows
+    of C values; cand[k] < 0: that window position is inactive), and the ground if any is
+    inactive, else -inf; arg = the winner's label (label[cand[k]], or cand[k] itself if label
+    is NULL), -1 for the ground; then the (leaky) ReLU if act. Ties keep the earlier
+    candidate: the ground, then k ascending."""
+    cdef bint gap = False
+    cdef int k
+    cdef Py_ssize_t c
+    cdef int32_t i
+    for k in range(K):
+        gap = gap or cand[k] < 0
+    for c in range(C):
+        out[c] = ground[c] if gap else -INFINITY
+        arg[c] = -1
+    for k in range(K):
+        i = cand[k]
+        if i >= 0:
+            max_row(rows + <Py_ssize_t>i * C, out, arg, i if label == NULL else label[i], C)
+    if act:
+        leaky_row(out, a, C)
