@@ -44,8 +44,9 @@ class Rulebook:
     def window(self) -> Any:
         """The pairs grouped by output: (n_out, K) int32, window[o, k] = input row or -1.
 
-        Built on first use (pooling, convolutions with few input channels) and kept, so
-        forward and backward of every layer on this rulebook share it."""
+        Usually filled by the rulebook kernel (Geometry.conv(..., window=True), as pooling
+        and convolutions ask); otherwise built on first use. Kept, so forward and backward
+        of every layer on this rulebook share it."""
         if self._window is None:
             K = backend.kernels(backend.device_of(self.in_idx))
             object.__setattr__(self, "_window", K.build_window(self.in_idx, self.out_idx,

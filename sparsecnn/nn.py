@@ -468,6 +468,15 @@ class Linear(Module):
                     bias=self.bias is not None)
 
 
+def _fused_slope(layer: Module | None) -> float | None:
+    """The negative slope of a (Leaky)ReLU that a pooling kernel can apply, else None."""
+    if type(layer) is ReLU:
+        return 0.0
+    if type(layer) is LeakyReLU:
+        return layer.negative_slope
+    return None
+
+
 @_register
 class Sequential(Module):
     """Layers applied in order; ``input_size`` chains the layers' size rules backwards."""
@@ -488,17 +497,16 @@ class Sequential(Module):
                 # one kernel computes the convolution's rows window by window and pools
                 # them: its output never goes to memory (same values and gradients); a
                 # following activation runs in it too
-                act = layers[i + 2] if i + 2 < len(layers) else None
-                fuse_act = type(act) in (ReLU, LeakyReLU)
+                slope = _fused_slope(layers[i + 2] if i + 2 < len(layers) else None)
                 x = F.convolution_max_pooling(
                     x, m.weight, m.bias, m.filter_size, m.stride, nxt.pool_size,
                     ground_state=m.ground_state, pool_ground_state=nxt.ground_state,
-                    negative_slope=getattr(act, "negative_slope", 0.0) if fuse_act else None)
-                i += 3 if fuse_act else 2
-            elif type(m) is MaxPooling and type(nxt) in (ReLU, LeakyReLU):
+                    negative_slope=slope)
+                i += 2 if slope is None else 3
+            elif type(m) is MaxPooling and _fused_slope(nxt) is not None:
                 # the activation runs inside the pooling kernel: same values and gradients,
                 # one pass over the features fewer
-                x = m.forward(x, negative_slope=getattr(nxt, "negative_slope", 0.0))
+                x = m.forward(x, negative_slope=_fused_slope(nxt))
                 i += 2
             else:
                 x = m(x)
