@@ -17,7 +17,7 @@ from . import backend
 from .autograd import Parameter, is_grad_enabled, record
 from .tensor import SparseTensor, Tensor
 
-SMALL_CIN = 4   # below this many input channels conv_backward goes output by output too
+SMALL_CIN = 4   # below this many input channels the weight gradient goes output by output
 # conv_backward goes by chunks of inputs, all offsets side by side, when at least this share
 # of (input, offset) slots have a pair (stride-1 convolutions: nearly all); the empty slots
 # are multiplied as zeros, so below it the per-offset path is faster

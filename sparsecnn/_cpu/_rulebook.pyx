@@ -455,8 +455,9 @@ def build_window(const int32_t[::1] in_idx, const int32_t[::1] out_idx,
     offset k, or -1 (that window position is inactive).
 
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64     # IN, a rulebook
-    Returns window (n_out, K) int32. Kernels that reduce over a window (pooling, convolutions
-    with few input channels) then work output by output: no scatter, no barrier per offset.
+    Returns window (n_out, K) int32. Kernels that reduce over a window (pooling, convolution
+    forward) then work output by output: no scatter, no barrier per offset. With in_idx and
+    out_idx swapped (and n_in) it groups the pairs by input (convolution backward).
     """
     cdef Py_ssize_t K = offsets.shape[0] - 1, o, q, k, kk, q0, q1
     win_a = np.empty((n_out, K), dtype=np.int32)
