@@ -46,4 +46,3 @@ def generate_workload(seed=0, batch=64, size=96, region=64):
     feats = np.ones((coords.shape[0], 1), dtype=np.float32)
     return dict(coords=coords, features=feats, spatial_size=np.array([size, size]),
                 batch_size=np.array(batch), seed=np.array(seed))
-
