@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 _state = threading.local()
+_PARAM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def is_grad_enabled() -> bool:
@@ -46,14 +47,18 @@ class no_grad:
 
 
 class Node:
-    """How a variable was made: ``parents`` and ``backward(grad) -> grads of the parents``."""
+    """How a variable was made: ``parents`` and ``backward(grad) -> grads of the parents``.
 
-    __slots__ = ("parents", "backward", "name")
+    ``versions`` holds, for each parent that is a :class:`Parameter`, the parameter's version
+    when the op ran: backward refuses to run if one has been changed since."""
+
+    __slots__ = ("parents", "backward", "name", "versions")
 
     def __init__(self, parents: Sequence[Variable], backward: Callable, name: str = "") -> None:
         self.parents = tuple(parents)
         self.backward = backward
         self.name = name
+        self.versions = tuple((p, p._version) for p in self.parents if isinstance(p, Parameter))
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -77,6 +82,9 @@ class Variable:
 
     def _check_grad(self, grad: Any) -> Any:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _check_leaf_grad(self, grad: Any) -> None:
+        """Raise if ``grad`` (reaching this leaf in backward) does not fit it."""
 
     @property
     def is_leaf(self) -> bool:
@@ -114,20 +122,49 @@ def _toposort(root: Variable) -> list[Variable]:
     return order
 
 
+def _check_versions(order: list[Variable]) -> None:
+    """Refuse a backward through ops whose parameters changed after the forward pass (their
+    saved activations and weights would no longer belong together)."""
+    for v in order:
+        node = v._node
+        if node is None:
+            continue
+        for p, version in node.versions:
+            if p._version != version:
+                raise RuntimeError(
+                    f"backward(): a {p!r} used by {node.name or 'an op'} was modified after "
+                    f"the forward pass (version {version} -> {p._version}, e.g. by "
+                    f"optimizer.step() or an assignment to .data); run the forward pass "
+                    f"again before calling backward()")
+
+
 def backward(root: Variable, grad: Any) -> None:
-    """Reverse-mode sweep from ``root`` with upstream gradient ``grad`` (already checked)."""
+    """Reverse-mode sweep from ``root`` with upstream gradient ``grad`` (already checked).
+
+    Every check (changed parameters, gradient shapes) happens before a leaf is touched where
+    it can: a refused backward leaves every ``.grad`` as it was."""
+    order = _toposort(root)
+    _check_versions(order)
     grads: dict[int, Any] = {id(root): grad}
-    for v in reversed(_toposort(root)):
+    leaves: list[tuple[Variable, Any]] = []
+    for v in reversed(order):
         g = grads.pop(id(v), None)
         if g is None:
             continue
         if v._node is None:
-            v._accumulate(g)
+            v._check_leaf_grad(g)
+            leaves.append((v, g))
             continue
         parent_grads = v._node.backward(g)
-        for p, pg in zip(v._node.parents, parent_grads):
+        if len(parent_grads) != len(v._node.parents):
+            raise RuntimeError(f"backward of {v._node.name or 'an op'} returned "
+                               f"{len(parent_grads)} gradients for "
+                               f"{len(v._node.parents)} inputs")
+        for p, pg in zip(v._node.parents, parent_grads, strict=True):
             if pg is not None and p.requires_grad:
                 grads[id(p)] = _add(grads.get(id(p)), pg)
+    for v, g in leaves:
+        v._accumulate(g)
 
 
 def record(out: Variable, parents: Sequence[Variable], backward_fn: Callable,
@@ -139,7 +176,10 @@ def record(out: Variable, parents: Sequence[Variable], backward_fn: Callable,
 
         def bw(g, _fn=backward_fn, _keep=keep):
             gs = _fn(g)
-            return tuple(x for x, k in zip(gs, _keep) if k)
+            if len(gs) != len(_keep):
+                raise RuntimeError(f"backward of {name or 'an op'} returned {len(gs)} "
+                                   f"gradients for {len(_keep)} inputs")
+            return tuple(x for x, k in zip(gs, _keep, strict=True) if k)
 
         out._node = Node(live, bw, name)
         out.requires_grad = True
@@ -147,16 +187,49 @@ def record(out: Variable, parents: Sequence[Variable], backward_fn: Callable,
 
 
 class Parameter(Variable):
-    """A trainable array: ``.data`` (writable ndarray) and ``.grad`` (ndarray or None)."""
+    """A trainable array: ``.data`` (writable, C-contiguous float ndarray) and ``.grad``
+    (ndarray or None).
+
+    Every assignment to ``.data`` (also ``p.data -= ...``) and every optimizer step bumps the
+    parameter's version; ``backward()`` through an op that saw an older version raises, since
+    the activations saved by the forward pass no longer belong to these weights. After
+    writing into ``.data`` in place by other means (``p.data[...] = ...``,
+    ``np.copyto(p.data, ...)``), call :meth:`mark_modified`.
+    """
 
     requires_grad = True
 
     def __init__(self, data: Any) -> None:
-        if not hasattr(data, "dtype") or data.dtype.kind != "f":
-            raise TypeError(f"Parameter data must be a float array, got {type(data).__name__}"
-                            f"{' of dtype ' + str(data.dtype) if hasattr(data, 'dtype') else ''}")
+        self._version = 0
         self.data = data
         self.grad = None
+
+    @property
+    def data(self) -> Any:
+        return self._data
+
+    @data.setter
+    def data(self, value: Any) -> None:
+        if getattr(value, "dtype", None) not in _PARAM_DTYPES or not hasattr(value, "flags"):
+            dt = f" of dtype {value.dtype}" if hasattr(value, "dtype") else ""
+            raise TypeError(f"Parameter data must be a float32 or float64 array, got "
+                            f"{type(value).__name__}{dt}")
+        if not value.flags.c_contiguous or not value.flags.writeable:
+            # Fortran order, strided views and broadcasts (read-only) become a private copy:
+            # the kernels need C order, and optimizers write in place
+            from . import backend
+            value = backend.xp(backend.device_of(value)).array(value, order="C")
+        self._data = value
+        self._version += 1
+
+    def mark_modified(self) -> None:
+        """Record that ``.data`` was changed in place (optimizers call this after a step)."""
+        self._version += 1
+
+    @property
+    def version(self) -> int:
+        """How many times ``.data`` was set or modified (see the class docstring)."""
+        return self._version
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -166,10 +239,13 @@ class Parameter(Variable):
     def dtype(self) -> np.dtype:
         return self.data.dtype
 
+    def _check_leaf_grad(self, grad: Any) -> None:
+        if tuple(grad.shape) != self.shape:
+            raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a parameter of "
+                               f"shape {self.shape}")
+
     def _accumulate(self, grad: Any) -> None:
-        if grad.shape != self.data.shape:
-            raise RuntimeError(f"gradient of shape {grad.shape} for a parameter of shape "
-                               f"{self.data.shape}")
+        self._check_leaf_grad(grad)
         grad = grad.astype(self.data.dtype, copy=False)
         self.grad = grad.copy() if self.grad is None else self.grad + grad
 

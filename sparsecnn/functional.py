@@ -36,17 +36,32 @@ def _check_sparse(x: Any, what: str) -> None:
         raise TypeError(f"{what} expects a SparseTensor input, got {type(x).__name__}")
 
 
-def _check_param(p: Any, x: SparseTensor, name: str, shape: tuple[int, ...], what: str) -> None:
+def _check_param(p: Any, x: SparseTensor | Tensor, name: str, shape: tuple[int, ...],
+                 what: str) -> None:
+    """``p`` is a Parameter of ``shape`` with the input's dtype, on the input's device."""
     if not isinstance(p, Parameter):
         raise TypeError(f"{what}: {name} must be a Parameter, got {type(p).__name__}")
     if p.shape != shape:
         raise ValueError(f"{what}: {name} has shape {p.shape}, expected {shape}")
     if p.dtype != x.dtype:
-        raise TypeError(f"{what}: input features are {x.dtype} but {name} is {p.dtype}; cast "
-                        f"the input (x.astype) or the layer")
+        kind = "input features are" if isinstance(x, SparseTensor) else "input is"
+        raise TypeError(f"{what}: {kind} {x.dtype} but {name} is {p.dtype}; cast the input "
+                        f"(x.astype) or the layer (layer.astype)")
     if backend.device_of(p.data) != x.device:
         raise ValueError(f"{what}: input is on {x.device!r} but {name} is on "
                          f"{backend.device_of(p.data)!r}; move one with .to(device)")
+
+
+_SIZE_MAX = 2**31 - 1
+
+
+def _check_size(value: Any, name: str, what: str) -> int:
+    """A filter size, pool size or stride: an int in [1, 2**31 - 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what}: {name} must be an int, got {value!r}")
+    if not 1 <= value <= _SIZE_MAX:
+        raise ValueError(f"{what}: {name} must be in [1, 2**31 - 1], got {value}")
+    return int(value)
 
 
 def _check_channels(x: SparseTensor, cin: int, what: str) -> None:
@@ -123,7 +138,12 @@ def _check_conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
                 what: str) -> None:
     """A convolution's input, weight (f**d, C_in, C_out) and bias (C_out,) fit together."""
     _check_sparse(x, what)
-    _check_channels(x, weight.shape[1] if isinstance(weight, Parameter) else -1, what)
+    if not isinstance(weight, Parameter):
+        raise TypeError(f"{what}: weight must be a Parameter, got {type(weight).__name__}")
+    if len(weight.shape) != 3:
+        raise ValueError(f"{what}: weight must have shape (filter_size**dim, C_in, C_out), "
+                         f"got {weight.shape}")
+    _check_channels(x, weight.shape[1], what)
     _check_param(weight, x, "weight", (filter_size ** x.dim, x.channels, weight.shape[2]), what)
     if bias is not None:
         _check_param(bias, x, "bias", (weight.shape[2],), what)
@@ -143,8 +163,10 @@ def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
     weight : Parameter of shape (f**d, C_in, C_out)
     bias : Parameter of shape (C_out,) or None
     """
-    _check_conv(x, weight, bias, filter_size,
-                f"Convolution(filter_size={filter_size}, stride={stride})")
+    what = f"Convolution(filter_size={filter_size}, stride={stride})"
+    filter_size = _check_size(filter_size, "filter_size", what)
+    stride = _check_size(stride, "stride", what)
+    _check_conv(x, weight, bias, filter_size, what)
     rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
 
@@ -160,8 +182,11 @@ def submanifold_convolution(x: SparseTensor, weight: Parameter, bias: Parameter 
     x : SparseTensor with C_in channels
     weight : Parameter of shape (f**d, C_in, C_out); bias : Parameter (C_out,) or None
     """
-    _check_conv(x, weight, bias, filter_size,
-                f"SubmanifoldConvolution(filter_size={filter_size})")
+    what = f"SubmanifoldConvolution(filter_size={filter_size})"
+    filter_size = _check_size(filter_size, "filter_size", what)
+    if filter_size % 2 == 0:
+        raise ValueError(f"{what}: filter_size must be odd, got {filter_size}")
+    _check_conv(x, weight, bias, filter_size, what)
     rb = x.geometry.submanifold(filter_size)
     return _conv(x, weight, bias, rb, x.geometry, ground_state, "submanifold_convolution")
 
@@ -177,9 +202,11 @@ def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
     result, features and ground, in the same pass: the values and gradients of max-pooling
     followed by ``leaky_relu`` (``relu`` for 0), without the extra pass over the features.
     """
-    s = pool_size if stride is None else stride
-    _check_sparse(x, "MaxPooling")
-    a = _check_slope(negative_slope, "MaxPooling")
+    what = "MaxPooling"
+    pool_size = _check_size(pool_size, "pool_size", what)
+    s = pool_size if stride is None else _check_size(stride, "stride", what)
+    _check_sparse(x, what)
+    a = _check_slope(negative_slope, what)
     rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling", window=True)
     K = backend.kernels(x.device)
     g, g_out = _pool_grounds(x.ground, ground_state, a)
@@ -246,8 +273,11 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
     ground_state, pool_ground_state : those of the convolution and of the pooling
     Returns the pooled SparseTensor, (n_out, C_out), float32/float64 like x.
     """
-    _check_conv(x, weight, bias, filter_size,
-                f"Convolution(filter_size={filter_size}, stride={stride})")
+    what = f"Convolution(filter_size={filter_size}, stride={stride})"
+    filter_size = _check_size(filter_size, "filter_size", what)
+    stride = _check_size(stride, "stride", what)
+    pool_size = _check_size(pool_size, "pool_size", "MaxPooling")
+    _check_conv(x, weight, bias, filter_size, what)
     a = _check_slope(negative_slope, "MaxPooling")
     rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling", window=True)
@@ -270,8 +300,10 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
 def average_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
                     ground_state: bool = True) -> SparseTensor:
     """Mean over each whole window, inactive sites counting as the ground state."""
-    s = pool_size if stride is None else stride
-    _check_sparse(x, "AveragePooling")
+    what = "AveragePooling"
+    pool_size = _check_size(pool_size, "pool_size", what)
+    s = pool_size if stride is None else _check_size(stride, "stride", what)
+    _check_sparse(x, what)
     rb, out_geom = x.geometry.conv(pool_size, s, "AveragePooling")
     K = backend.kernels(x.device)
     g = x.ground if ground_state else x.ground * 0
@@ -292,7 +324,10 @@ def network_in_network(x: SparseTensor, weight: Parameter, bias: Parameter | Non
     """1x1 convolution: features (n, C_in) @ weight (C_in, C_out) + bias, and the ground alike."""
     what = "NetworkInNetwork"
     _check_sparse(x, what)
-    _check_channels(x, weight.shape[0] if isinstance(weight, Parameter) else -1, what)
+    if not isinstance(weight, Parameter) or len(weight.shape) != 2:
+        raise TypeError(f"{what}: weight must be a Parameter of shape (C_in, C_out), got "
+                        f"{weight!r}")
+    _check_channels(x, weight.shape[0], what)
     _check_param(weight, x, "weight", (x.channels, weight.shape[1]), what)
     if bias is not None:
         _check_param(bias, x, "bias", (weight.shape[1],), what)
@@ -382,6 +417,16 @@ def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
     return record(out, [x], lambda g: ((g[0] * scale, g[1]),), "dropout")
 
 
+def _check_bn_options(eps: Any, momentum: Any) -> None:
+    """BatchNorm needs eps > 0 (finite) and 0 <= momentum <= 1."""
+    def real(v):
+        return not isinstance(v, bool) and isinstance(v, (int, float, np.floating))
+    if not real(eps) or not 0 < eps < np.inf:
+        raise ValueError(f"BatchNorm: eps must be a finite number > 0, got {eps!r}")
+    if not real(momentum) or not 0 <= momentum <= 1:
+        raise ValueError(f"BatchNorm: momentum must be a number in [0, 1], got {momentum!r}")
+
+
 def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean, running_var,
                *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
                ground_state: bool = True) -> SparseTensor:
@@ -393,6 +438,7 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
     Evaluation: the running statistics are used.
     """
     _check_sparse(x, "BatchNorm")
+    _check_bn_options(eps, momentum)
     _check_channels(x, gamma.shape[0] if isinstance(gamma, Parameter) else -1, "BatchNorm")
     _check_param(gamma, x, "weight", (x.channels,), "BatchNorm")
     _check_param(beta, x, "bias", (x.channels,), "BatchNorm")
@@ -463,10 +509,14 @@ def linear(x: Tensor, weight: Parameter, bias: Parameter | None) -> Tensor:
     """x (B, C_in) @ weight (C_in, C_out) + bias (C_out,) -> (B, C_out)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"Linear expects a Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Parameter) or len(weight.shape) != 2:
+        raise TypeError(f"Linear: weight must be a Parameter of shape (C_in, C_out), got "
+                        f"{weight!r}")
     if x.ndim != 2 or x.shape[1] != weight.shape[0]:
         raise ValueError(f"Linear expects input of shape (B, {weight.shape[0]}), got {x.shape}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"Linear: input is {x.dtype} but weight is {weight.dtype}")
+    _check_param(weight, x, "weight", weight.shape, "Linear")
+    if bias is not None:
+        _check_param(bias, x, "bias", (weight.shape[1],), "Linear")
     W = weight.data
     y = x.data @ W
     if bias is not None:

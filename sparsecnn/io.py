@@ -26,11 +26,21 @@ def save(model: Module, path: str | os.PathLike, *, extra: dict[str, np.ndarray]
     arrays = {f"param:{k}": v for k, v in model.state_dict().items()}
     for k, v in (extra or {}).items():
         arrays[f"extra:{k}"] = np.asarray(v)
+    states = [m.ground_state for m in model.modules()]
+    if not all(states):     # the semantics the model was trained with travel with it
+        doc["ground_states"] = states
     arrays[_SPEC_KEY] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot save the model to {path!r}: it is a directory")
     tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):     # a failed save leaves nothing behind
+            os.unlink(tmp)
+        raise
 
 
 def build(spec: Any) -> Module:
@@ -100,31 +110,111 @@ def _param_count(spec: Any, depth: int = 0) -> int:
     return 0
 
 
+_MAX_SPEC_BYTES = 16 * 2**20
+# a model file written by save() stores its arrays uncompressed, so the arrays its headers
+# declare fit in the file; this much room is left for compression and zip overhead
+_SLACK_FACTOR, _SLACK_BYTES = 2, 2**20
+
+
+def _npy_headers(zf: zipfile.ZipFile) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every .npy member, from its header alone (no array is read)."""
+    out = {}
+    for info in zf.infolist():
+        if not info.filename.endswith(".npy"):
+            raise ValueError(f"unexpected member {info.filename!r}")
+        with zf.open(info) as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise ValueError(f"unsupported .npy version {version} in {info.filename!r}")
+        if dtype.hasobject:
+            raise ValueError(f"{info.filename!r} holds Python objects")
+        out[info.filename[:-4]] = (tuple(int(n) for n in shape), dtype)
+    return out
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    n = dtype.itemsize
+    for k in shape:
+        n *= k
+    return n
+
+
+def _check_declared(path: str, headers: dict) -> None:
+    """Refuse a file whose arrays declare more bytes than it could hold (a small file that
+    would inflate to gigabytes) and parameters that are not float32/float64 arrays."""
+    declared = sum(_nbytes(shape, dt) for shape, dt in headers.values())
+    size = os.path.getsize(path)
+    if declared > _SLACK_FACTOR * size + _SLACK_BYTES:
+        raise ValueError(f"its arrays declare {declared} bytes but the file has only {size}")
+    for k, (_, dt) in headers.items():
+        if k.startswith("param:") and dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"parameter {k[6:]!r} has dtype {dt}; expected float32 or "
+                             f"float64")
+    if _SPEC_KEY not in headers:
+        raise ValueError("no model spec inside")
+    shape, dt = headers[_SPEC_KEY]
+    if dt != np.uint8 or len(shape) != 1 or shape[0] > _MAX_SPEC_BYTES:
+        raise ValueError(f"the model spec must be at most {_MAX_SPEC_BYTES} bytes of uint8, "
+                         f"got shape {shape} of {dt}")
+
+
+def _apply_ground_states(model: Module, states: Any) -> None:
+    mods = list(model.modules())
+    if (not isinstance(states, list) or len(states) != len(mods)
+            or not all(isinstance(v, bool) for v in states)):
+        raise ValueError(f"'ground_states' must be a list of {len(mods)} booleans")
+    for m, v in zip(mods, states, strict=True):
+        m.ground_state = v
+
+
 def load_file(path: str | os.PathLike) -> tuple[Module, dict[str, np.ndarray], dict[str, Any]]:
-    """(model, extra arrays, meta) from a file written by :func:`save`."""
+    """(model, extra arrays, meta) from a file written by :func:`save`.
+
+    Nothing is allocated before the file is checked: the npy headers of every member are
+    read first, and a file whose arrays declare more bytes than it holds, whose parameters
+    are not float arrays, or whose spec asks for more parameters than it stores is refused
+    with a ``ValueError``."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
-            if _SPEC_KEY not in z.files:
-                raise ValueError("no model spec inside")
-            doc = json.loads(bytes(z[_SPEC_KEY].astype(np.uint8)).decode())
-            state = {k[6:]: z[k] for k in z.files if k.startswith("param:")}
-            extra = {k[6:]: z[k] for k in z.files if k.startswith("extra:")}
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"not a {_FORMAT} file")
-        if "model" not in doc:
-            raise ValueError("no 'model' in the spec")
-        stored = sum(int(np.asarray(v).size) for v in state.values())
-        if _param_count(doc["model"]) > stored + 2**20:   # far more than the file holds
-            raise ValueError("the model spec asks for more parameters than the file stores")
-        model = build(doc["model"])
+        with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            headers = _npy_headers(zf)
+            _check_declared(path, headers)
+            fh.seek(0)
+            with np.load(fh, allow_pickle=False) as z:
+                doc = json.loads(bytes(z[_SPEC_KEY].astype(np.uint8)).decode())
+                if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+                    raise ValueError(f"not a {_FORMAT} file")
+                if "model" not in doc:
+                    raise ValueError("no 'model' in the spec")
+                stored = sum(int(np.prod(shape)) for k, (shape, _) in headers.items()
+                             if k.startswith("param:"))
+                if _param_count(doc["model"]) > stored + 2**20:   # far more than it holds
+                    raise ValueError("the model spec asks for more parameters than the file "
+                                     "stores")
+                model = build(doc["model"])
+                own = model.state_dict()
+                for k, (shape, _) in headers.items():
+                    if k.startswith("param:") and k[6:] in own and own[k[6:]].shape != shape:
+                        raise ValueError(f"state_dict[{k[6:]!r}] has shape {shape}, expected "
+                                         f"{own[k[6:]].shape}")
+                state = {k[6:]: z[k] for k in z.files if k.startswith("param:")}
+                extra = {k[6:]: z[k] for k in z.files if k.startswith("extra:")}
         model.load_state_dict(state)
+        if "ground_states" in doc:
+            _apply_ground_states(model, doc["ground_states"])
+        meta = doc.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError("'meta' in the spec must be a dict")
     except FileNotFoundError:
         raise
     except (ValueError, TypeError, KeyError, OSError, EOFError, zipfile.BadZipFile,
-            UnicodeDecodeError, RecursionError) as e:
+            zipfile.LargeZipFile, UnicodeDecodeError, RecursionError, OverflowError) as e:
         raise ValueError(f"cannot load a sparsecnn model from {path!r}: {e}") from e
-    return model, extra, doc.get("meta", {})
+    return model, extra, meta
 
 
 def load(path: str | os.PathLike) -> Module:

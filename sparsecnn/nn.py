@@ -26,11 +26,18 @@ def _register(cls):
     return cls
 
 
-def _check_int(value: Any, name: str, minimum: int = 1) -> int:
+_INT_MAX = 2**31 - 1
+
+
+def _check_int(value: Any, name: str, minimum: int = 1, maximum: int = _INT_MAX) -> int:
+    """An int in [minimum, maximum] (sizes and counts: at most 2**31 - 1 by default)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        limit = "2**31 - 1" if maximum == _INT_MAX else str(maximum)
+        raise ValueError(f"{name} must be <= {limit}, got {value}")
     return int(value)
 
 
@@ -58,7 +65,20 @@ class Module:
     ground_state: bool = True
 
     def __call__(self, x: Any) -> Any:
+        self._check_parameters()
         return self.forward(x)
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape each of this layer's own parameters must have (from its arguments)."""
+        return {}
+
+    def _check_parameters(self) -> None:
+        """Raise if a parameter was given data of another shape than the layer declares
+        (checked before the op, so the message names the parameter that was changed)."""
+        for name, shape in self._param_shapes().items():
+            p = getattr(self, name)
+            if p is not None and p.shape != shape:
+                raise ValueError(f"{self!r}: {name} has shape {p.shape}, expected {shape}")
 
     def forward(self, x: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -224,9 +244,7 @@ class _ConvBase(Module):
         self.in_channels = _check_int(in_channels, "in_channels")
         self.out_channels = _check_int(out_channels, "out_channels")
         self.filter_size = _check_int(filter_size, "filter_size")
-        self.dim = _check_int(dim, "dim")
-        if self.dim > 4:
-            raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
+        self.dim = _check_dim_arg(dim)
         dtype = _check_dtype(dtype)
         K = self.filter_size ** self.dim
         rng = np.random.default_rng(seed)
@@ -235,9 +253,25 @@ class _ConvBase(Module):
         self.bias = Parameter(np.zeros(self.out_channels, dtype=dtype)) if bias else None
 
     def _check_dim(self, x: Any) -> None:
-        if isinstance(x, SparseTensor) and x.dim != self.dim:
-            raise ValueError(f"{self!r} is {self.dim}-dimensional but the input is {x.dim}-"
-                             f"dimensional")
+        _check_input_dim(self, x)
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.filter_size ** self.dim, self.in_channels, self.out_channels),
+                "bias": (self.out_channels,)}
+
+
+def _check_dim_arg(dim: Any) -> int:
+    dim = _check_int(dim, "dim")
+    if dim > 4:
+        raise ValueError(f"dim must be 1, 2, 3 or 4, got {dim}")
+    return dim
+
+
+def _check_input_dim(layer: Module, x: Any) -> None:
+    """A layer made for ``layer.dim`` spatial dimensions gets an input with that many."""
+    if isinstance(x, SparseTensor) and x.dim != layer.dim:
+        raise ValueError(f"{layer!r} is {layer.dim}-dimensional but the input is {x.dim}-"
+                         f"dimensional")
 
 
 @_register
@@ -295,7 +329,7 @@ class _PoolBase(Module):
     def __init__(self, pool_size: int, stride: int | None = None, *, dim: int = 2) -> None:
         self.pool_size = _check_int(pool_size, "pool_size")
         self.stride = self.pool_size if stride is None else _check_int(stride, "stride")
-        self.dim = _check_int(dim, "dim")
+        self.dim = _check_dim_arg(dim)
 
     def input_size(self, output_size: int) -> int:
         return (output_size - 1) * self.stride + self.pool_size
@@ -310,6 +344,7 @@ class MaxPooling(_PoolBase):
 
     def forward(self, x: SparseTensor, negative_slope: float | None = None) -> SparseTensor:
         """``negative_slope``: fuse a following (leaky) ReLU (see F.max_pooling)."""
+        _check_input_dim(self, x)
         return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state,
                              negative_slope=negative_slope)
 
@@ -319,6 +354,7 @@ class AveragePooling(_PoolBase):
     """Average over the whole window; inactive sites count as the ground state."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
+        _check_input_dim(self, x)
         return F.average_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state)
 
 
@@ -338,6 +374,9 @@ class NetworkInNetwork(Module):
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         return F.network_in_network(x, self.weight, self.bias, ground_state=self.ground_state)
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.in_channels, self.out_channels), "bias": (self.out_channels,)}
 
     def _spec_args(self) -> dict[str, Any]:
         return dict(in_channels=self.in_channels, out_channels=self.out_channels,
@@ -409,6 +448,7 @@ class BatchNorm(Module):
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  dtype: Any = np.float32) -> None:
         self.channels = _check_int(channels, "channels")
+        F._check_bn_options(eps, momentum)
         self.eps = float(eps)
         self.momentum = float(momentum)
         dtype = _check_dtype(dtype)
@@ -419,6 +459,9 @@ class BatchNorm(Module):
 
     def _buffers(self) -> dict[str, Any]:
         return {"running_mean": self.running_mean, "running_var": self.running_var}
+
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.channels,), "bias": (self.channels,)}
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
@@ -463,6 +506,9 @@ class Linear(Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def _param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}
+
     def _spec_args(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features,
                     bias=self.bias is not None)
@@ -475,6 +521,27 @@ def _fused_slope(layer: Module | None) -> float | None:
     if type(layer) is LeakyReLU:
         return layer.negative_slope
     return None
+
+
+def fusion_at(layers: list[Module], i: int) -> tuple[str | None, int, float | None]:
+    """Which fused kernel ``Sequential`` runs for ``layers[i:]``: (kind, layers it
+    replaces, fused activation slope or None).
+
+    - ``"conv+maxpool"``: a ``Convolution`` followed by a ``MaxPooling`` whose windows
+      partition its input (pool_size == stride), and a following ``ReLU``/``LeakyReLU`` too
+      if there is one (2 or 3 layers);
+    - ``"maxpool+act"``: a ``MaxPooling`` followed by a ``ReLU``/``LeakyReLU`` (2 layers);
+    - ``None``: no fusion, the layer runs alone (1 layer).
+
+    Only these exact types fuse (not subclasses, whose forward may differ)."""
+    m = layers[i]
+    nxt = layers[i + 1] if i + 1 < len(layers) else None
+    if type(m) is Convolution and type(nxt) is MaxPooling and nxt.pool_size == nxt.stride:
+        slope = _fused_slope(layers[i + 2] if i + 2 < len(layers) else None)
+        return "conv+maxpool", 2 if slope is None else 3, slope
+    if type(m) is MaxPooling and _fused_slope(nxt) is not None:
+        return "maxpool+act", 2, _fused_slope(nxt)
+    return None, 1, None
 
 
 @_register
@@ -490,27 +557,28 @@ class Sequential(Module):
     def forward(self, x: Any) -> Any:
         layers, i = self.layers, 0
         while i < len(layers):
+            kind, n, slope = fusion_at(layers, i)
             m = layers[i]
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
-            if (type(m) is Convolution and type(nxt) is MaxPooling
-                    and nxt.pool_size == nxt.stride):
+            if kind == "conv+maxpool":
                 # one kernel computes the convolution's rows window by window and pools
                 # them: its output never goes to memory (same values and gradients); a
-                # following activation runs in it too
-                slope = _fused_slope(layers[i + 2] if i + 2 < len(layers) else None)
+                # following activation runs in it too. Every check of the layers it
+                # replaces runs first.
+                pool = layers[i + 1]
+                m._check_parameters()
+                m._check_dim(x)
+                _check_input_dim(pool, x)
                 x = F.convolution_max_pooling(
-                    x, m.weight, m.bias, m.filter_size, m.stride, nxt.pool_size,
-                    ground_state=m.ground_state, pool_ground_state=nxt.ground_state,
+                    x, m.weight, m.bias, m.filter_size, m.stride, pool.pool_size,
+                    ground_state=m.ground_state, pool_ground_state=pool.ground_state,
                     negative_slope=slope)
-                i += 2 if slope is None else 3
-            elif type(m) is MaxPooling and _fused_slope(nxt) is not None:
+            elif kind == "maxpool+act":
                 # the activation runs inside the pooling kernel: same values and gradients,
                 # one pass over the features fewer
-                x = m.forward(x, negative_slope=_fused_slope(nxt))
-                i += 2
+                x = m.forward(x, negative_slope=slope)
             else:
                 x = m(x)
-                i += 1
+            i += n
         return x
 
     def __getitem__(self, i: int) -> Module:

@@ -234,6 +234,9 @@ class SGD:
                         buf += (1.0 - damp) * g
                 g = g + mom * buf if self.nesterov else buf
             data -= lr * g
+            mark = getattr(p, "mark_modified", None)
+            if mark is not None:      # a sparsecnn Parameter: backward through an older
+                mark()                # forward now refuses to run
         self.step_count += 1
 
     def zero_grad(self) -> None:

@@ -32,7 +32,8 @@ def _unbroadcast(g: Any, shape: tuple[int, ...]) -> Any:
         return g
     g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
     axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    return g.sum(axis=axes, keepdims=True) if axes else g
+    g = g.sum(axis=axes, keepdims=True) if axes else g
+    return g.reshape(shape)
 
 
 class Tensor(Variable):
@@ -94,7 +95,12 @@ class Tensor(Variable):
         g = _as_float_array(grad, "grad")
         if tuple(g.shape) != self.shape:
             raise ValueError(f"backward(): grad has shape {tuple(g.shape)}, expected {self.shape}")
-        return g.astype(self.dtype, copy=False)
+        return backend.xp(self.device).ascontiguousarray(g, dtype=self.dtype)
+
+    def _check_leaf_grad(self, grad: Any) -> None:
+        if tuple(grad.shape) != self.shape:
+            raise RuntimeError(f"gradient of shape {tuple(grad.shape)} for a Tensor of shape "
+                               f"{self.shape}")
 
     def _accumulate(self, grad: Any) -> None:
         if self.requires_grad:
@@ -119,27 +125,33 @@ class Tensor(Variable):
         old = self.data.shape
         return record(out, [self], lambda g: (g.reshape(old),), "reshape")
 
-    def __mul__(self, other: Any) -> Tensor:
+    def _other(self, other: Any, what: str) -> Tensor:
+        """``other`` as a Tensor: a Tensor as it is, an array or number as a constant."""
         if isinstance(other, Tensor):
-            out = Tensor(self.data * other.data)
-            a, b = self.data, other.data
-            return record(out, [self, other],
-                          lambda g: (_unbroadcast(g * b, a.shape), _unbroadcast(g * a, b.shape)),
-                          "mul")
-        c = other
-        out = Tensor((self.data * c).astype(self.dtype, copy=False))
-        return record(out, [self], lambda g: ((g * c).astype(self.dtype, copy=False),), "mul")
+            return other
+        if isinstance(other, Variable):
+            raise TypeError(f"Tensor {what} {type(other).__name__}: not supported")
+        if backend.device_of(other) != self.device:
+            raise ValueError(f"Tensor {what}: the tensor is on {self.device!r} but the other "
+                             f"operand is on {backend.device_of(other)!r}")
+        return Tensor(backend.xp(self.device).asarray(other, dtype=self.dtype))
+
+    def __mul__(self, other: Any) -> Tensor:
+        o = self._other(other, "*")
+        a, b = self.data, o.data
+        out = Tensor(a * b)
+        return record(out, [self, o],
+                      lambda g: (_unbroadcast(g * b, a.shape), _unbroadcast(g * a, b.shape)),
+                      "mul")
 
     __rmul__ = __mul__
 
     def __add__(self, other: Any) -> Tensor:
-        if isinstance(other, Tensor):
-            out = Tensor(self.data + other.data)
-            sa, sb = self.data.shape, other.data.shape
-            return record(out, [self, other],
-                          lambda g: (_unbroadcast(g, sa), _unbroadcast(g, sb)), "add")
-        out = Tensor((self.data + other).astype(self.dtype, copy=False))
-        return record(out, [self], lambda g: (g,), "add")
+        o = self._other(other, "+")
+        sa, sb = self.data.shape, o.data.shape
+        out = Tensor(self.data + o.data)
+        return record(out, [self, o], lambda g: (_unbroadcast(g, sa), _unbroadcast(g, sb)),
+                      "add")
 
     __radd__ = __add__
 
@@ -220,8 +232,9 @@ class SparseTensor(Variable):
         if a.ndim < 3 or a.ndim > 6:
             raise ValueError(f"array must have shape (B, C, *spatial) with 1 to 4 spatial "
                              f"dimensions, got shape {a.shape}")
-        if not np.isscalar(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))
+                or not np.isfinite(threshold) or threshold < 0):
+            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
         a = backend.to_device(a, "cpu")
         if not np.isfinite(a).all():
             raise ValueError("array contains NaN or Inf; from_dense needs finite values")
@@ -328,16 +341,30 @@ class SparseTensor(Variable):
         """Same sites and values, cut from the graph."""
         return SparseTensor._make(self.geometry, self.features, self.ground)
 
-    def replace(self, features: Any, ground: Any = None) -> SparseTensor:
-        """Same geometry, new features (n, C') and ground (C',) (default zeros); no graph."""
+    def replace(self, features: Any, ground: Any = None, *,
+                allow_nonfinite: bool = False) -> SparseTensor:
+        """Same geometry, new features and ground; no graph. Validated like the constructor.
+
+        Parameters
+        ----------
+        features : array of shape (n_active, C'), float32 or float64, on this tensor's device
+        ground : array of shape (C',), optional (default zeros)
+        allow_nonfinite : bool
+            Accept NaN/Inf values (rejected by default).
+        """
         xp = backend.xp(self.device)
+        if backend.device_of(features) != self.device:
+            raise ValueError(f"features are on {backend.device_of(features)!r} but the tensor "
+                             f"is on {self.device!r}")
         feats = _as_float_array(features, "features")
         if feats.ndim != 2 or feats.shape[0] != self.n_active:
             raise ValueError(f"features must have shape ({self.n_active}, C), "
                              f"got {tuple(feats.shape)}")
-        g = xp.zeros(feats.shape[1], feats.dtype) if ground is None else xp.asarray(ground,
-                                                                                     feats.dtype)
-        return SparseTensor._make(self.geometry, feats, g)
+        if not allow_nonfinite and feats.size and not bool(xp.isfinite(feats).all()):
+            raise ValueError("features contain NaN or Inf; pass allow_nonfinite=True to "
+                             "accept them")
+        g = _check_ground(ground, feats.shape[1], feats.dtype, allow_nonfinite, xp)
+        return SparseTensor._make(self.geometry, xp.ascontiguousarray(feats), g)
 
     def to(self, device: str) -> SparseTensor:
         """Copy to ``device`` ('cpu' or 'cuda'); differentiable."""
@@ -368,7 +395,7 @@ class SparseTensor(Variable):
             gf, gg = grad
         else:
             gf, gg = grad, None
-        gf = _as_float_array(gf, "grad").astype(self.dtype, copy=False)
+        gf = _as_float_array(gf, "grad")
         if tuple(gf.shape) != tuple(self.features.shape):
             raise ValueError(f"backward(): grad has shape {tuple(gf.shape)}, expected "
                              f"{tuple(self.features.shape)}")
@@ -376,7 +403,15 @@ class SparseTensor(Variable):
         if tuple(gg.shape) != tuple(self.ground.shape):
             raise ValueError(f"backward(): the ground-state grad has shape {tuple(gg.shape)}, "
                              f"expected {tuple(self.ground.shape)}")
-        return (gf, gg)
+        return (xp.ascontiguousarray(gf, dtype=self.dtype), xp.ascontiguousarray(gg))
+
+    def _check_leaf_grad(self, grad: Any) -> None:
+        gf, gg = grad
+        if tuple(gf.shape) != tuple(self.features.shape) or tuple(gg.shape) != tuple(
+                self.ground.shape):
+            raise RuntimeError(f"gradient of shapes {tuple(gf.shape)}, {tuple(gg.shape)} for "
+                               f"a SparseTensor with features {tuple(self.features.shape)} "
+                               f"and ground {tuple(self.ground.shape)}")
 
     def _accumulate(self, grad: Any) -> None:
         if self.requires_grad:
@@ -457,9 +492,14 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
     if batch_size is None:
         batch_size = max_b
     else:
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
             raise TypeError(f"batch_size must be an int, got {batch_size!r}")
         batch_size = int(batch_size)
+        if batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0, got {batch_size}")
+        if batch_size > _INT32_MAX + 1:
+            raise ValueError(f"batch_size must be at most 2**31 (batch indices are int32), "
+                             f"got {batch_size}")
         if batch_size < max_b:
             raise ValueError(f"batch_size={batch_size} but coords use batch index {max_b - 1}")
     check_packable(shape, batch_size)
@@ -472,14 +512,30 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
         np.minimum.at(first, inverse, np.arange(n))
         c32 = c32[first]
         summed = np.zeros((n_unique, f.shape[1]), dtype=f.dtype)
-        np.add.at(summed, inverse, f)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.add.at(summed, inverse, f)
+        if not allow_nonfinite and not np.isfinite(summed).all():
+            bad = int(np.argwhere(~np.isfinite(summed))[0, 0])
+            raise ValueError(f"the features summed over the duplicates of coords[{int(first[bad])}]"
+                             f" = {c32[bad].tolist()} overflow to Inf ({f.dtype}); scale the "
+                             f"features or pass allow_nonfinite=True")
         f = summed
-    # ground
-    C = f.shape[1]
+    return Geometry(c32, shape, batch_size, "cpu", (keys, vals)), f, _check_ground(
+        ground, f.shape[1], f.dtype, allow_nonfinite)
+
+
+def _check_ground(ground: Any, C: int, dtype: np.dtype, allow_nonfinite: bool,
+                  xp: Any = np) -> Any:
+    """The ground state (C,) of a tensor with C channels: zeros by default; finite."""
     if ground is None:
-        g = np.zeros(C, dtype=f.dtype)
-    else:
-        g = np.asarray(ground, dtype=f.dtype)
-        if g.shape != (C,):
-            raise ValueError(f"ground must have shape ({C},), got {g.shape}")
-    return Geometry(c32, shape, batch_size, "cpu", (keys, vals)), f, g
+        return xp.zeros(C, dtype=dtype)
+    try:
+        g = xp.asarray(ground, dtype=dtype)
+    except (TypeError, ValueError):
+        raise TypeError(f"ground must be an array of {C} numbers, got {ground!r:.60}") from None
+    if g.shape != (C,):
+        raise ValueError(f"ground must have shape ({C},), got {g.shape}")
+    if not allow_nonfinite and not bool(xp.isfinite(g).all()):
+        raise ValueError(f"ground contains NaN or Inf ({g.tolist()}); pass "
+                         f"allow_nonfinite=True to accept it")
+    return xp.ascontiguousarray(g)

@@ -295,9 +295,10 @@ def test_backward_on_something_without_grad():
 
 
 def test_parameter_rejects_non_float():
-    with pytest.raises(TypeError, match=r"Parameter data must be a float array"):
+    with pytest.raises(TypeError, match=r"Parameter data must be a float32 or float64 array"):
         Parameter(np.arange(3))
-    with pytest.raises(TypeError, match=r"Parameter data must be a float array, got list"):
+    with pytest.raises(TypeError, match=r"Parameter data must be a float32 or float64 array, "
+                                        r"got list"):
         Parameter([1.0, 2.0])
 
 

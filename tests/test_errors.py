@@ -90,10 +90,10 @@ def test_batch_size_not_int(batch_size):
 
 
 def test_negative_batch_size():
-    with pytest.raises(ValueError, match=r"batch_size=-1"):
-        sparse(np.zeros((0, 3), np.int32), np.zeros((0, 2)), batch_size=-1)
-    with pytest.raises(ValueError, match=r"batch_size=-2"):
-        sparse(batch_size=-2)
+    # the message is about batch_size itself, not about a batch index (there is none)
+    for kw in [dict(coords=np.zeros((0, 3), np.int32), feats=np.zeros((0, 2))), {}]:
+        with pytest.raises(ValueError, match=r"^batch_size must be >= 0, got -1$"):
+            sparse(batch_size=-1, **kw)
 
 
 def test_ground_wrong_shape():
@@ -151,8 +151,13 @@ def test_from_dense_rejects_inf():
     (np.ones((2, 3)), 0.0, ValueError, r"array must have shape \(B, C, \*spatial\)"),
     (np.ones((1, 1, 2, 2, 2, 2, 2)), 0.0, ValueError, r"array must have shape"),
     (np.ones((1, 1, 4, 4), np.int64), 0.0, TypeError, r"array must be float32 or float64"),
-    (np.ones((1, 1, 4, 4)), -1.0, ValueError, r"threshold must be a non-negative number"),
-], ids=["2d", "5-spatial", "int", "negative-threshold"])
+    (np.ones((1, 1, 4, 4)), -1.0, ValueError, r"threshold must be a finite number >= 0"),
+    (np.ones((1, 1, 4, 4)), np.nan, ValueError, r"threshold must be a finite number >= 0, got "
+                                                r"nan"),
+    (np.ones((1, 1, 4, 4)), np.inf, ValueError, r"threshold must be a finite number >= 0"),
+    (np.ones((1, 1, 4, 4)), "0.5", ValueError, r"threshold must be a finite number >= 0"),
+], ids=["2d", "5-spatial", "int", "negative-threshold", "nan-threshold", "inf-threshold",
+        "str-threshold"])
 def test_from_dense_bad_input(array, threshold, exc, match):
     with pytest.raises(exc, match=match):
         scn.SparseTensor.from_dense(array, threshold)
