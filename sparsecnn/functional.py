@@ -9,6 +9,7 @@ at active sites only.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -407,9 +408,13 @@ def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
     if batchwise:
         m = np.broadcast_to(rng.random((1, x.channels)) < keep, x.features.shape)
     elif channelwise:
-        bm = rng.random((x.batch_size, x.channels)) < keep
+        # one mask row per sample present (not per batch index: a large batch_size with few
+        # sites must not cost batch_size * C random numbers); when every sample has sites
+        # this is the same draw as one row per sample
         batch = backend.to_device(x.coords[:, 0], "cpu") if x.n_active else np.zeros(0, int)
-        m = bm[batch]
+        present, row = np.unique(batch, return_inverse=True)
+        bm = rng.random((len(present), x.channels)) < keep
+        m = bm[row.reshape(-1)]
     else:
         m = rng.random(x.features.shape) < keep
     scale = xp.asarray(m / keep, dtype=x.dtype)
@@ -484,11 +489,32 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
 
 
 # -- dense side -------------------------------------------------------------------------------
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 2**63
+
+
+def _check_dense_size(shape: tuple[int, ...], dtype: Any) -> None:
+    """Refuse a dense array larger than this machine's memory before allocating it (with
+    overcommit, an allocation can succeed and the first write then kills the process)."""
+    nbytes = np.dtype(dtype).itemsize
+    for n in shape:
+        nbytes *= int(n)
+    limit = _physical_memory()
+    if nbytes > limit:
+        raise MemoryError(f"SparseToDense: the dense array (batch, *spatial_shape, channels) = "
+                          f"{shape} of {np.dtype(dtype)} needs {nbytes / 2**30:.1f} GiB, more "
+                          f"than this machine's {limit / 2**30:.1f} GiB of memory")
+
+
 def to_dense(x: SparseTensor) -> Tensor:
     """(B, C, *spatial) Tensor with the features at the active sites and the ground elsewhere."""
     _check_sparse(x, "SparseToDense")
     xp = backend.xp(x.device)
     shape = (x.batch_size, *x.spatial_shape, x.channels)
+    _check_dense_size(shape, x.dtype)
     dense = xp.empty(shape, dtype=x.dtype)
     dense[...] = x.ground
     idx = tuple(x.coords[:, j] for j in range(x.coords.shape[1]))

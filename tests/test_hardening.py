@@ -492,3 +492,32 @@ def test_which_layers_fuse_is_pinned():
     class MyConv(scn.Convolution):
         pass
     assert fusion_at([MyConv(1, 1, 2), scn.MaxPooling(2)], 0)[0] is None
+
+
+# -- allocations sized by the work, not by hostile numbers --------------------------------------
+def test_to_dense_beyond_the_machines_memory_is_refused_before_allocating():
+    x = scn.SparseTensor(np.array([[0, 5, 5]], np.int32), np.ones((1, 4), np.float32),
+                         (2**20, 2**20))
+    with pytest.raises(MemoryError, match=r"\(1, 1048576, 1048576, 4\) of float32 needs 16384"
+                                          r"\.0 GiB"):
+        x.to_dense()
+
+
+def test_channelwise_dropout_draws_per_sample_present():
+    big = 2**31
+    x = scn.SparseTensor(np.array([[big - 1, 1, 1], [3, 0, 0]], np.int32),
+                         np.ones((2, 8), np.float32), (4, 4), batch_size=big)
+    tracemalloc.start()
+    try:
+        y = F.dropout(x, 0.5, np.random.default_rng(0), channelwise=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    assert set(np.unique(y.features)) <= {0.0, 2.0}
+    # with every sample present, the masks are the draws of one row per sample
+    rng = np.random.default_rng(1)
+    x = random_sparse(rng, 3, (4, 4), 5, 1.0, np.float32)
+    y = F.dropout(x, 0.5, np.random.default_rng(7), channelwise=True)
+    rows = np.random.default_rng(7).random((3, 5)) < 0.5
+    np.testing.assert_array_equal(y.features != 0, rows[x.coords[:, 0]] & (x.features != 0))
