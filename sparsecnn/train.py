@@ -2,9 +2,10 @@
 
 ``fit`` trains with SGD (Nesterov momentum, weight decay) and an exponentially decaying
 learning rate (Graham's recipe), draws freshly augmented renderings every epoch, shows a
-progress bar (loss, accuracy, samples/s), writes a JSON-lines metrics log, saves a
-checkpoint per epoch and resumes from one exactly (the next step is the step an
-uninterrupted run would take). Fixed seeds give identical runs.
+progress bar (loss, accuracy, samples/s) and one summary line per epoch, writes the full
+per-epoch records to a JSON-lines metrics log, saves a checkpoint per epoch and resumes from
+one exactly (the next step is the step an uninterrupted run would take). Fixed seeds give
+identical runs.
 """
 from __future__ import annotations
 
@@ -191,7 +192,7 @@ def load_checkpoint(path: str | os.PathLike, model: Module, opt: optim.SGD,
                          f"than the model being trained")
     try:
         epoch, history = int(meta["epoch"]), list(meta.get("history", []))
-        if not 0 <= epoch or not all(isinstance(r, dict) for r in history):
+        if epoch < 0 or not all(isinstance(r, dict) for r in history):
             raise ValueError("bad epoch or history")
         model.load_state_dict(saved.state_dict())
         ost = dict(meta["optimizer"])
@@ -393,6 +394,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     bs = first.batch_size
     cost = {"macs_per_sample": sp / bs, "dense_macs_per_sample": de / bs,
             "active_sites_per_sample": [r.active_sites / bs for r in rows]}
+    names = train_data.class_names   # the model's classes: held-out labels go by name
     logf = open(log, "a") if log is not None else None
     try:
         for epoch in range(start, cfg.epochs):
@@ -432,7 +434,6 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                                    "train_accuracy": acc_m.mean, "lr": opt.lr,
                                    "seconds": dt, "samples_per_second": loss_m.count / dt}
             last = epoch + 1 == cfg.epochs
-            names = train_data.class_names   # the model's classes: test labels go by name
             if test_data is not None and ((epoch + 1) % cfg.eval_every == 0 or last):
                 ev = evaluate(model, test_data, batch_size=cfg.batch_size,
                               tta=cfg.tta, augment=aug, features=cfg.features,
