@@ -433,7 +433,7 @@ def _add_data_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tta", type=_positive, default=1,
                    help="test-time augmentation passes (>= 1)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
