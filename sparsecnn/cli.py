@@ -2,18 +2,95 @@
 
 Commands: info, demo, train, evaluate, predict, show. Argument parsing only; the work is in
 sparsecnn.train, sparsecnn.stats and sparsecnn.data.
+
+A user's mistake (a bad option, a missing or malformed file, a model file whose saved settings
+do not fit its network, too little data) is reported as one line on stderr,
+``sparsecnn <command>: error: ...``, with exit status 2; ``--debug`` or ``SPARSECNN_DEBUG=1``
+shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+class UsageError(Exception):
+    """A user's mistake that the command line reports in one line (no traceback)."""
+
+    def __init__(self, message: str, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+# errors that a user's input causes: one line, no traceback (see main)
+USER_ERRORS = (UsageError, ValueError, TypeError, OSError, MemoryError, FloatingPointError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option raises UsageError (main prints one line) instead of printing
+    the usage block and exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (`{self.prog} --help` lists the options)", self.prog)
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < minimum or (maximum is not None and v > maximum):
+            want = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+            raise argparse.ArgumentTypeError(f"must be {want}, got {v}")
+        return v
+    parse.__name__ = "int"
+    return parse
+
+
+def _real(lo: float, hi: float = math.inf, *, lo_open: bool = False,
+          hi_open: bool = True) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (
+            v < hi if hi_open else v <= hi)
+        if not ok:
+            left = "(" if lo_open else "["
+            right = ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo:g}, {hi:g}{right}, got {text}")
+        return v
+    parse.__name__ = "float"
+    return parse
+
+
+def _activation(text: str) -> str | float:
+    from sparsecnn.models import ACTIVATIONS
+    if text in ACTIVATIONS:
+        return text
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(sorted(ACTIVATIONS))} or a slope in [0, 1), got {text!r}")
+    return v
+
+
+_positive = _int_at_least(1)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -52,7 +129,7 @@ def _demo_strokes(char: str | None):
         return ds.samples[0], f"KanjiVG {ds.class_names[0]!r}"
     except (FileNotFoundError, ValueError, KeyError) as e:
         if char:
-            raise SystemExit(f"sparsecnn demo: cannot load {char!r} from KanjiVG: {e}") from None
+            raise UsageError(f"cannot load {char!r} from KanjiVG: {e}") from None
         ds = data.synthetic_strokes(1, 1, seed=0)
         return ds.samples[0], "a synthetic character (pip install sparsecnn[kanji] for KanjiVG)"
 
@@ -84,11 +161,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- training commands --------------------------------------------------------------------------
-def _load_data(args: argparse.Namespace):
-    """(train, test, extra held-out sets) for --data."""
+# the 80/20 split of a user's file is made per class: round(0.8 * 3) = 2 of 3 drawings train,
+# one is held out; a class of 1 or 2 drawings is held out nowhere
+_MIN_PER_CLASS = 3
+
+
+def _split_user_data(ds, path: str, seed: int):
+    """80/20 split of a user's stroke file, refused if it leaves nothing to train or test."""
+    need = (f"training needs at least {_MIN_PER_CLASS} drawings of a class (80% of every "
+            f"class trains, 20% is held out for testing)")
+    if len(ds) == 0:
+        raise ValueError(f"{path} holds no samples; {need}")
+    train, test = ds.split(0.8, seed=seed)
+    if len(test) == 0:
+        most = int(np.bincount(ds.labels).max())
+        k = len(np.unique(ds.labels))
+        raise ValueError(f"{path} holds too few samples to hold any out ({len(ds)} "
+                         f"sample{'s' * (len(ds) > 1)} of {k} class{'es' * (k > 1)}, at most "
+                         f"{most} of one class); {need}")
+    return train, test
+
+
+def _load_data(args: argparse.Namespace, class_names: Sequence[str] | None = None):
+    """(train, test, extra held-out sets) for --data; ``class_names``: a saved model's classes
+    (KanjiVG then loads those characters unless --select is given)."""
     from sparsecnn import data
     if args.data == "kanjivg":
         sel = args.select
+        if sel is None:
+            sel = list(class_names) if class_names else "first"
         select = sel if sel in ("first", "kana") else list(sel)
         train = data.load_kanjivg(args.classes, select=select)
         # held out: the same characters drawn with other augmentations, and the variant
@@ -101,8 +202,20 @@ def _load_data(args: argparse.Namespace):
     # users' strokes come in any units: map every sample into the unit box
     ds = data.StrokeDataset([data.normalize(s) for s in ds.samples], ds.labels,
                             ds.class_names)
-    train, test = ds.split(0.8, seed=args.seed)
+    train, test = _split_user_data(ds, args.data, args.seed)
     return train, test, {}
+
+
+def _check_output(path: str | None, flag: str) -> None:
+    """Refuse an output path that cannot be written before hours of training."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path} is a directory, not a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{flag} {path}: no such directory {str(parent)!r}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -110,6 +223,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     import sparsecnn as scn
     from sparsecnn import train as T
 
+    if args.resume and args.checkpoint is None:
+        raise UsageError("--resume needs --checkpoint FILE")
+    for path, flag in ((args.out, "--out"), (args.checkpoint, "--checkpoint"),
+                       (args.log, "--log")):
+        _check_output(path, flag)
     train, test, extra = _load_data(args)
     arch = {"deepcnet": scn.models.DeepCNet, "deepcnin": scn.models.DeepCNiN}[args.arch]
     from sparsecnn.data import num_feature_channels
@@ -149,54 +267,89 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(path: str):
+def _load_model(path: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(model, checked settings, meta) of a model file from ``sparsecnn train``.
+
+    The settings saved beside the network (features, signature depth, scale, class names) are
+    checked against it here, so that a file whose metadata does not fit its network is
+    refused in one line instead of failing inside the first forward pass.
+    """
     from sparsecnn import io
+    from sparsecnn.data import FEATURE_KINDS, num_feature_channels
     model, _, meta = io.load_file(path)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{path}: the saved metadata does not fit the model: {why}")
+
+    sizes = [getattr(model, a, None) for a in ("input_size", "num_classes", "in_channels")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in sizes) or getattr(
+            model, "dim", 2) != 2:
+        raise ValueError(f"{path} holds a {type(model).__name__}, not the 2-D DeepCNet or "
+                         f"DeepCNiN that sparsecnn's commands run")
+    size, num_classes, in_channels = sizes
+    if not isinstance(meta, dict) or not isinstance(meta.get("info", {}), dict):
+        raise bad("'info' is not a JSON object")
     info = meta.get("info", {})
-    return model, info
+    features = info.get("features", "presence")
+    if features not in FEATURE_KINDS:
+        raise bad(f"features={features!r}, expected one of {', '.join(FEATURE_KINDS)}")
+    depth = info.get("signature_depth", 2)
+    if isinstance(depth, bool) or depth not in (1, 2, 3):
+        raise bad(f"signature_depth={depth!r}, expected 1, 2 or 3")
+    scale = info.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int)
+                              or not 1 <= scale <= size):
+        raise bad(f"scale={scale!r}, expected an int in [1, {size}] (the input size) or null")
+    channels = num_feature_channels(features, depth)
+    if channels != in_channels:
+        raise bad(f"features={features!r} (signature_depth={depth}) give {channels} input "
+                  f"channels, the network takes {in_channels}")
+    names = info.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise bad("class_names is not a list of strings")
+        if len(names) != num_classes or len(set(names)) != len(names):
+            raise bad(f"{len(names)} class_names ({len(set(names))} distinct) for a network "
+                      f"with {num_classes} classes")
+    settings = {"features": features, "signature_depth": depth, "scale": scale,
+                "class_names": names}
+    return model, settings, meta
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Accuracy of a saved model on held-out data."""
+    """Accuracy of a saved model on held-out data (labels matched by class name)."""
     from sparsecnn import train as T
-    model, info = _load_model(args.model)
-    args.classes = getattr(model, "num_classes", args.classes)
-    _, test, extra = _load_data(args)
-    kw = dict(tta=args.tta, features=info.get("features", "presence"),
-              signature_depth=info.get("signature_depth", 2), scale=info.get("scale"),
-              device=args.device, progress=not args.quiet)
-    for name, ds in {"test": test, **extra}.items():
-        if len(ds):
-            aug = name == "test" or args.tta > 1   # variants: as drawn unless tta
-            r = T.evaluate(model, ds, augment=aug, **kw)
-            print(f"{name:<9} n={r['n']:<6} accuracy {100 * r['accuracy']:.2f}%  top-5 "
-                  f"{100 * r['top5']:.2f}%  loss {r['loss']:.4f}")
+    model, info, _ = _load_model(args.model)
+    args.classes = model.num_classes
+    _, test, extra = _load_data(args, info["class_names"])
+    kw = dict(tta=args.tta, features=info["features"], signature_depth=info["signature_depth"],
+              scale=info["scale"], device=args.device, progress=not args.quiet,
+              class_names=info["class_names"])
+    sets = {name: ds for name, ds in {"test": test, **extra}.items() if len(ds)}
+    for ds in sets.values():   # refuse data of other classes before any work
+        T.model_labels(ds, info["class_names"], model.num_classes, name=f"--data {args.data}")
+    for name, ds in sets.items():
+        aug = name == "test" or args.tta > 1   # variants: as drawn unless tta
+        r = T.evaluate(model, ds, augment=aug, **kw)
+        print(f"{name:<9} n={r['n']:<6} accuracy {100 * r['accuracy']:.2f}%  top-5 "
+              f"{100 * r['top5']:.2f}%  loss {r['loss']:.4f}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Top-5 classes with probabilities for strokes in a JSON file."""
+    """Top-k classes with probabilities for strokes in a JSON file."""
     from sparsecnn import train as T
-    from sparsecnn.data import normalize
-    model, info = _load_model(args.model)
-    doc = json.loads(Path(args.strokes).read_text())
-    samples = doc if isinstance(doc, list) and doc and isinstance(doc[0], dict) else [doc]
-    strokes = []
-    for i, smp in enumerate(samples):
-        raw = smp.get("strokes") if isinstance(smp, dict) else smp
-        try:
-            strokes.append(normalize([np.asarray(s, dtype=np.float64).reshape(-1, 2)
-                                      for s in raw]))
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"sparsecnn predict: sample {i} of {args.strokes} is not a list "
-                             f"of strokes [[x, y], ...]: {e}") from None
-    probs = T.predict(model, strokes, tta=args.tta, features=info.get("features", "presence"),
-                      signature_depth=info.get("signature_depth", 2), scale=info.get("scale"),
+    from sparsecnn.data import load_samples, normalize
+    model, info, _ = _load_model(args.model)
+    # the same checks as training data: nothing is reshaped, strings are not numbers
+    strokes = [normalize(s) for s in load_samples(args.strokes)]
+    probs = T.predict(model, strokes, tta=args.tta, features=info["features"],
+                      signature_depth=info["signature_depth"], scale=info["scale"],
                       device=args.device)
-    names = info.get("class_names") or [str(i) for i in range(probs.shape[1])]
+    names = info["class_names"] or [str(i) for i in range(probs.shape[1])]
     out = []
     for p in probs:
-        top = np.argsort(-p)[:args.top]
+        top = np.argsort(-p, kind="stable")[:args.top]
         out.append([{"class": names[j], "index": int(j), "probability": float(p[j])}
                     for j in top])
     print(json.dumps(out if len(out) > 1 else out[0], ensure_ascii=False, indent=1))
@@ -210,20 +363,21 @@ def cmd_show(args: argparse.Namespace) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("sparsecnn show needs matplotlib: pip install sparsecnn[plot]") from None
+        raise UsageError("sparsecnn show needs matplotlib: pip install sparsecnn[plot]") from None
     import sparsecnn as scn
     from sparsecnn import data
     from sparsecnn.autograd import no_grad
 
+    meta: dict[str, Any] = {}
     if args.model:
-        model, info = _load_model(args.model)
+        model, info, meta = _load_model(args.model)
     else:
-        model, info = scn.models.DeepCNet(args.l, args.k, seed=0), {}
+        model = scn.models.DeepCNet(args.l, args.k, seed=0)
+        info = {"scale": None, "features": "presence", "signature_depth": 2}
     n = model.input_size
     strokes, what = _demo_strokes(args.char)
-    coords, feats = data.render(strokes, n, info.get("scale"),
-                                features=info.get("features", "presence"),
-                                signature_depth=info.get("signature_depth", 2))
+    coords, feats = data.render(strokes, n, info["scale"], features=info["features"],
+                                signature_depth=info["signature_depth"])
     x = scn.SparseTensor.from_samples([(coords, feats)], (n, n))
     maps = [("input", x)]
     with no_grad():
@@ -233,10 +387,11 @@ def cmd_show(args: argparse.Namespace) -> int:
             if isinstance(layer, (scn.Convolution, scn.MaxPooling)):
                 maps.append((f"{type(layer).__name__} {h.spatial_shape[0]}x"
                              f"{h.spatial_shape[1]}", h))
-    hist = None
-    if args.model:
-        from sparsecnn import io
-        hist = io.load_file(args.model)[2].get("history") or None
+    hist = meta.get("history") or None
+    if hist is not None and not (isinstance(hist, list) and all(
+            isinstance(r, dict) and isinstance(r.get("epoch"), int | float)
+            and isinstance(r.get("train_accuracy"), int | float) for r in hist)):
+        raise ValueError(f"{args.model}: the saved training history is malformed")
     cols = len(maps) + (1 if hist else 0)
     fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 2.9))
     for ax, (title, t) in zip(axes, maps):
@@ -270,89 +425,140 @@ def cmd_show(args: argparse.Namespace) -> int:
 def _add_data_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data", default="kanjivg",
                    help="'kanjivg' (default), 'synthetic', or a stroke file (.npz/.jsonl)")
-    s.add_argument("--classes", type=int, default=100, help="number of classes")
-    s.add_argument("--select", default="first",
-                   help="KanjiVG classes: 'first' (first N kanji), 'kana', or the characters")
+    s.add_argument("--classes", type=_positive, default=100, help="number of classes")
+    s.add_argument("--select", default=None,
+                   help="KanjiVG classes: 'first' (first N kanji, default for train), 'kana', "
+                        "or the characters (evaluate: the model's classes)")
     s.add_argument("--device", default="cpu", help="'cpu' or 'cuda'")
-    s.add_argument("--tta", type=int, default=1, help="test-time augmentation passes")
+    s.add_argument("--tta", type=_positive, default=1,
+                   help="test-time augmentation passes (>= 1)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sparsecnn", description="Spatially-sparse CNNs.")
+    debug = _Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (or set SPARSECNN_DEBUG=1)")
+    p = _Parser(prog="sparsecnn", description="Spatially-sparse CNNs.",
+                epilog="Errors are reported in one line; --debug or SPARSECNN_DEBUG=1 shows "
+                       "the traceback.")
+    p.add_argument("--debug", action="store_true", default=False,
+                   help="show the traceback of an error (or set SPARSECNN_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("info", help="version, threads, BLAS, GPU")
+
+    def cmd(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[debug], **kw)
+
+    s = cmd("info", help="version, threads, BLAS, GPU")
     s.set_defaults(func=cmd_info)
-    s = sub.add_parser("demo", help="per-layer active sites and multiply-adds of a DeepCNet")
-    s.add_argument("--l", type=int, default=5, help="DeepCNet depth l (input 3*2**l)")
-    s.add_argument("--k", type=int, default=32, help="DeepCNet width k")
+    s = cmd("demo", help="per-layer active sites and multiply-adds of a DeepCNet")
+    s.add_argument("--l", type=_positive, default=5, help="DeepCNet depth l (input 3*2**l)")
+    s.add_argument("--k", type=_positive, default=32, help="DeepCNet width k")
     s.add_argument("--char", default=None, help="KanjiVG character to draw")
     s.set_defaults(func=cmd_demo)
-    s = sub.add_parser("train", help="train on stroke data (default: KanjiVG, 100 classes)")
+    s = cmd("train", help="train on stroke data (default: KanjiVG, 100 classes)")
     _add_data_args(s)
     s.add_argument("--arch", choices=["deepcnet", "deepcnin"], default="deepcnet")
-    s.add_argument("--l", type=int, default=4, help="depth l (input 3*2**l)")
-    s.add_argument("--k", type=int, default=32, help="width k")
-    s.add_argument("--activation", default="vleaky", help="relu, leaky, vleaky (1/3)")
-    s.add_argument("--dropout", type=float, default=0.0,
+    s.add_argument("--l", type=_positive, default=4, help="depth l (input 3*2**l)")
+    s.add_argument("--k", type=_positive, default=32, help="width k")
+    s.add_argument("--activation", type=_activation, default="vleaky",
+                   help="relu, leaky, vleaky (1/3) or a slope in [0, 1)")
+    s.add_argument("--dropout", type=_real(0, 1), default=0.0,
                    help="dropout rate p, growing with depth (p * i / l after layer i)")
     s.add_argument("--channel-dropout", action="store_true",
                    help="drop whole channels (one mask per batch) instead of features")
-    s.add_argument("--epochs", type=int, default=20)
-    s.add_argument("--repeats", type=int, default=8,
+    s.add_argument("--epochs", type=_positive, default=20)
+    s.add_argument("--repeats", type=_positive, default=8,
                    help="augmented copies of each training drawing per epoch")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--lr", type=float, default=0.01)
-    s.add_argument("--lr-decay", type=float, default=0.05, help="lr0 * exp(-decay * epoch)")
-    s.add_argument("--momentum", type=float, default=0.9)
-    s.add_argument("--weight-decay", type=float, default=1e-4)
-    s.add_argument("--clip-grad", type=float, default=None)
-    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--batch-size", type=_positive, default=64)
+    s.add_argument("--lr", type=_real(0, lo_open=True), default=0.01)
+    s.add_argument("--lr-decay", type=_real(0), default=0.05, help="lr0 * exp(-decay * epoch)")
+    s.add_argument("--momentum", type=_real(0, 1), default=0.9)
+    s.add_argument("--weight-decay", type=_real(0), default=1e-4)
+    s.add_argument("--clip-grad", type=_real(0, lo_open=True), default=None)
+    s.add_argument("--label-smoothing", type=_real(0, 1), default=0.0)
     s.add_argument("--features", default="presence", choices=["presence", "directions",
                                                               "signature"])
-    s.add_argument("--signature-depth", type=int, default=2)
-    s.add_argument("--scale", type=int, default=None, help="character box in pixels")
-    s.add_argument("--eval-every", type=int, default=5, help="evaluate every N epochs")
+    s.add_argument("--signature-depth", type=int, choices=[1, 2, 3], default=2)
+    s.add_argument("--scale", type=_positive, default=None, help="character box in pixels")
+    s.add_argument("--eval-every", type=_positive, default=5, help="evaluate every N epochs")
     s.add_argument("--out", default="sparsecnn-model.npz", help="where to save the model")
     s.add_argument("--checkpoint", default=None, help="checkpoint file (written every epoch)")
     s.add_argument("--resume", action="store_true", help="resume from --checkpoint")
-    s.add_argument("--log", default=None, help="JSON-lines metrics log")
+    s.add_argument("--log", default=None, help="JSON-lines metrics log (one record per epoch)")
     s.set_defaults(func=cmd_train)
-    s = sub.add_parser("evaluate", help="accuracy of a saved model")
+    s = cmd("evaluate", help="accuracy of a saved model")
     _add_data_args(s)
     s.add_argument("model", help="model file from `sparsecnn train`")
     s.set_defaults(func=cmd_evaluate)
-    s = sub.add_parser("predict", help="top-5 classes for strokes in a JSON file")
+    s = cmd("predict", help="top-5 classes for strokes in a JSON file")
     s.add_argument("model", help="model file from `sparsecnn train`")
-    s.add_argument("strokes", help='JSON: [[[x, y], ...], ...] or [{"strokes": ...}, ...]')
-    s.add_argument("--top", type=int, default=5)
-    s.add_argument("--tta", type=int, default=1)
+    s.add_argument("strokes", help='JSON: [[[x, y], ...], ...], {"strokes": ...} or '
+                                   '[{"strokes": ...}, ...]; or a .jsonl stroke file')
+    s.add_argument("--top", type=_positive, default=5, help="classes shown per sample (>= 1)")
+    s.add_argument("--tta", type=_positive, default=1,
+                   help="test-time augmentation passes (>= 1)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_predict)
-    s = sub.add_parser("show", help="PNG: active sites per layer (+ training curves)")
+    s = cmd("show", help="PNG: active sites per layer (+ training curves)")
     s.add_argument("--model", default=None, help="a saved model (else DeepCNet(l, k))")
-    s.add_argument("--l", type=int, default=5)
-    s.add_argument("--k", type=int, default=32)
+    s.add_argument("--l", type=_positive, default=5)
+    s.add_argument("--k", type=_positive, default=32)
     s.add_argument("--char", default=None)
     s.add_argument("--out", default="sparsecnn-show.png")
     s.set_defaults(func=cmd_show)
     return p
 
 
+def _debug_requested(argv: Sequence[str] | None) -> bool:
+    if os.environ.get("SPARSECNN_DEBUG", "").strip() not in ("", "0"):
+        return True
+    return "--debug" in (sys.argv[1:] if argv is None else list(argv))
+
+
+def _message(e: BaseException) -> str:
+    """One line for an error: the message without its traceback (or its own newlines)."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.strerror}: {os.fsdecode(e.filename)}"
+    elif isinstance(e, MemoryError):
+        text = f"out of memory{': ' + str(e) if str(e) else ''}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from sparsecnn.backend import GPUUnavailableError
+    """Run one command; returns the exit status (0 ok, 2 a user's error, 130 interrupted)."""
+    debug = _debug_requested(argv)
+    try:
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:   # blamed on the command they were given to
+            prog = f"sparsecnn {args.command}"
+            raise UsageError(f"unrecognized arguments: {' '.join(unknown)} (`{prog} --help` "
+                             f"lists the options)", prog)
+    except UsageError as e:
+        if debug:
+            raise
+        print(f"{e.prog or 'sparsecnn'}: error: {_message(e)}", file=sys.stderr)
+        return 2
+    prog = f"sparsecnn {args.command}"
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, GPUUnavailableError, FloatingPointError) as e:
-        # what a user can act on (missing data or file, no GPU, diverged): one line, no trace
-        print(f"sparsecnn {args.command}: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:   # output piped into `head` & co.: stop quietly
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        # what a user can act on (bad input, missing file, no GPU, diverged): one line
+        if debug:
+            raise
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,15 +2,17 @@
 
 ``fit`` trains with SGD (Nesterov momentum, weight decay) and an exponentially decaying
 learning rate (Graham's recipe), draws freshly augmented renderings every epoch, shows a
-progress bar (loss, accuracy, samples/s), writes a JSON-lines metrics log, saves a
-checkpoint per epoch and resumes from one exactly (the next step is the step an
-uninterrupted run would take). Fixed seeds give identical runs.
+progress bar (loss, accuracy, samples/s) and one summary line per epoch, writes the full
+per-epoch records to a JSON-lines metrics log, saves a checkpoint per epoch and resumes from
+one exactly (the next step is the step an uninterrupted run would take). Fixed seeds give
+identical runs.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -91,6 +93,62 @@ def _input_size(model: Module) -> int:
     return size
 
 
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def _few(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def model_labels(data: StrokeDataset, class_names: Sequence[str] | None,
+                 num_classes: int | None = None, *, name: str = "data") -> np.ndarray:
+    """The labels of ``data`` as indices of a model's classes.
+
+    With ``class_names`` (the model's, in output order) every label is mapped by its
+    class *name*: data whose classes come in another order are scored correctly, and a
+    ValueError lists the classes of ``data`` (those its samples use) that the model does
+    not have. Without names the labels are taken as indices, which must be below
+    ``num_classes``.
+    """
+    labels = np.asarray(data.labels, dtype=np.int64)
+    if class_names is not None:
+        names = list(class_names)
+        if list(data.class_names) != names:
+            index = {n: i for i, n in enumerate(names)}
+            used = [data.class_names[int(i)] for i in np.unique(labels)]
+            unknown = [n for n in used if n not in index]
+            if unknown:
+                raise ValueError(
+                    f"{name} has {len(unknown)} class{'es' if len(unknown) > 1 else ''} that "
+                    f"the model does not know: {_few(unknown)}; the model's {len(names)} "
+                    f"classes are {_few(names)}")
+            mapping = np.array([index.get(n, -1) for n in data.class_names], dtype=np.int64)
+            labels = mapping[labels]
+    if num_classes is not None and labels.size and int(labels.max()) >= num_classes:
+        raise ValueError(f"{name} has labels up to {int(labels.max())}, but the model has "
+                         f"{num_classes} classes")
+    return labels
+
+
+def _model_class_names(model: Module, class_names: Sequence[str] | None) -> list[str] | None:
+    names = class_names if class_names is not None else getattr(model, "class_names", None)
+    if names is None:
+        return None
+    if isinstance(names, str | bytes) or not all(isinstance(n, str) for n in names):
+        raise TypeError("class_names must be a sequence of str")
+    names = list(names)
+    nc = getattr(model, "num_classes", None)
+    if isinstance(nc, int) and len(names) != nc:
+        raise ValueError(f"class_names has {len(names)} names, but the model has {nc} classes")
+    return names
+
+
 # -- checkpoints ------------------------------------------------------------------------------
 def save_checkpoint(path: str | os.PathLike, model: Module, opt: optim.SGD,
                     sched: optim.LRSchedule, epoch: int, history: list[dict],
@@ -132,14 +190,21 @@ def load_checkpoint(path: str | os.PathLike, model: Module, opt: optim.SGD,
     if saved.spec() != model.spec():
         raise ValueError(f"checkpoint {path} holds {saved.spec()['type']} with other settings "
                          f"than the model being trained")
-    model.load_state_dict(saved.state_dict())
-    ost = dict(meta["optimizer"])
-    ost["momentum_buffers"] = [extra.get(f"momentum.{i}") for i in range(len(opt.params))]
-    opt.load_state_dict(ost)
-    sched.load_state_dict(meta["scheduler"])
-    for d, st in zip(_dropout_layers(model), meta.get("dropout_rng", [])):
-        d.rng.bit_generator.state = st
-    return int(meta["epoch"]), list(meta.get("history", []))
+    try:
+        epoch, history = int(meta["epoch"]), list(meta.get("history", []))
+        if epoch < 0 or not all(isinstance(r, dict) for r in history):
+            raise ValueError("bad epoch or history")
+        model.load_state_dict(saved.state_dict())
+        ost = dict(meta["optimizer"])
+        ost["momentum_buffers"] = [extra.get(f"momentum.{i}") for i in range(len(opt.params))]
+        opt.load_state_dict(ost)
+        sched.load_state_dict(meta["scheduler"])
+        for d, st in zip(_dropout_layers(model), meta.get("dropout_rng", [])):
+            d.rng.bit_generator.state = st
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise ValueError(f"checkpoint {os.fspath(path)!r} is incomplete or corrupt: "
+                         f"{type(e).__name__}: {e}") from e
+    return epoch, history
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -175,18 +240,33 @@ def _logits(model: Module, data: StrokeDataset, *, batch_size: int, tta: int,
 def evaluate(model: Module, data: StrokeDataset, *, batch_size: int = 64, tta: int = 1,
              augment: dict | bool = True, features: str = "presence",
              signature_depth: int = 2, scale: int | None = None, seed: int = 12345,
-             device: str = "cpu", progress: bool = False) -> dict[str, float]:
+             device: str = "cpu", progress: bool = False,
+             class_names: Sequence[str] | None = None) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy of ``model`` on ``data``.
 
     Every sample is rendered ``tta`` times, augmented with ``augment`` (seeds other than the
     training ones) unless it is False, and the logits are averaged (test-time augmentation).
+
+    ``class_names`` are the model's classes in output order (for a saved model: the
+    ``class_names`` of its training data, ``meta["info"]["class_names"]`` in a file written by
+    ``sparsecnn train``; default: ``model.class_names`` if the model has them). With them the
+    labels of ``data`` are matched by class name (:func:`model_labels`), and data with classes
+    the model does not know are refused with a ValueError that lists them; without them the
+    labels are taken as output indices.
     """
+    tta = _positive_int(tta, "tta")
+    batch_size = _positive_int(batch_size, "batch_size")
     if len(data) == 0:
         raise ValueError("data is empty")
+    nc = getattr(model, "num_classes", None)
+    labels = model_labels(data, _model_class_names(model, class_names),
+                          nc if isinstance(nc, int) else None)
     lg = _logits(model, data, batch_size=batch_size, tta=tta, augment=_augment_kwargs(augment),
                  features=features, signature_depth=signature_depth, scale=scale, seed=seed,
                  device=device, progress=progress)
-    labels = np.asarray(data.labels)
+    if labels.size and int(labels.max()) >= lg.shape[1]:
+        raise ValueError(f"data has labels up to {int(labels.max())}, but the model gives "
+                         f"{lg.shape[1]} outputs")
     lsm = log_softmax(lg.astype(np.float64))
     acc = topk_accuracy(lg, labels, ks=(1, 5))
     return {"loss": float(-lsm[np.arange(len(labels)), labels].mean()),
@@ -197,9 +277,19 @@ def predict(model: Module, samples: Sequence[Any], *, tta: int = 1,
             augment: dict | bool = True, features: str = "presence", signature_depth: int = 2,
             scale: int | None = None, seed: int = 12345, batch_size: int = 64,
             device: str = "cpu") -> np.ndarray:
-    """Class probabilities (n, num_classes) for a list of stroke samples."""
-    ds = StrokeDataset(list(samples), np.zeros(len(samples), np.int64),
-                       [str(i) for i in range(getattr(model, "num_classes", 1))])
+    """Class probabilities (n, num_classes) for a list of stroke samples (n may be 0)."""
+    tta = _positive_int(tta, "tta")
+    batch_size = _positive_int(batch_size, "batch_size")
+    if isinstance(samples, str | bytes | np.ndarray) or not isinstance(samples, Sequence):
+        raise TypeError(f"samples must be a list of stroke samples, got {type(samples).__name__}")
+    if len(samples) == 0:
+        nc = getattr(model, "num_classes", None)
+        if not isinstance(nc, int):   # ask the model: one blank sample gives (1, classes)
+            nc = predict(model, [[]], tta=1, augment=False, features=features,
+                         signature_depth=signature_depth, scale=scale,
+                         device=device).shape[1]
+        return np.zeros((0, nc), np.float32)
+    ds = StrokeDataset(list(samples), np.zeros(len(samples), np.int64), ["0"])
     lg = _logits(model, ds, batch_size=batch_size, tta=tta, augment=_augment_kwargs(augment),
                  features=features, signature_depth=signature_depth, scale=scale, seed=seed,
                  device=device)
@@ -211,6 +301,51 @@ def predict(model: Module, samples: Sequence[Any], *, tta: int = 1,
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _bar_write(line: str) -> None:
+    """Print a line to stdout without breaking a progress bar that is being drawn."""
+    from tqdm.auto import tqdm
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def epoch_summary(rec: dict[str, Any], epochs: int, extra_names: Sequence[str] = ()) -> str:
+    """The line ``fit`` shows after every epoch (the full record goes to the ``log`` file)."""
+    width = len(str(epochs))
+    parts = [f"epoch {rec['epoch']:>{width}}/{epochs}", f"loss {rec['train_loss']:.4f}",
+             f"accuracy {100 * rec['train_accuracy']:.2f}%"]
+    if "test_accuracy" in rec:
+        parts.append(f"held-out {100 * rec['test_accuracy']:.2f}% "
+                     f"(top-5 {100 * rec['test_top5']:.2f}%)")
+    for name in extra_names:
+        if f"{name}_accuracy" in rec:
+            parts.append(f"{name} {100 * rec[f'{name}_accuracy']:.2f}%")
+    parts.append(f"{rec['samples_per_second']:.0f} samples/s")
+    parts.append(f"lr {rec['lr']:.3g}")
+    return "  ".join(parts)
+
+
+def _check_fit_data(model: Module, train_data: Any, test_data: Any,
+                    extra_eval: dict[str, Any] | None) -> None:
+    """Refuse data that cannot train ``model`` before any work is done."""
+    for name, ds in (("train_data", train_data), ("test_data", test_data),
+                     *((f"extra_eval[{k!r}]", v) for k, v in (extra_eval or {}).items())):
+        if ds is not None and not isinstance(ds, StrokeDataset):
+            raise TypeError(f"{name} must be a StrokeDataset, got {type(ds).__name__}")
+    if len(train_data) == 0:
+        raise ValueError("train_data is empty: fit needs at least one training sample")
+    if test_data is not None and len(test_data) == 0:
+        raise ValueError("test_data is empty: pass test_data=None to train without "
+                         "held-out evaluation")
+    nc = getattr(model, "num_classes", None)
+    nc = nc if isinstance(nc, int) else None
+    model_labels(train_data, None, nc, name="train_data")
+    held_out = {"test_data": test_data, **{f"extra_eval[{k!r}]": v
+                                           for k, v in (extra_eval or {}).items()}}
+    for name, ds in held_out.items():
+        if ds is not None and len(ds):
+            model_labels(ds, train_data.class_names, nc, name=name)
 
 
 def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | None = None, *,
@@ -233,6 +368,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     """
     cfg = FitConfig(**settings)
     cfg.validate()
+    _check_fit_data(model, train_data, test_data, extra_eval)
     device = backend.require_device(cfg.device)
     model.to(device)
     size = _input_size(model)
@@ -258,6 +394,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     bs = first.batch_size
     cost = {"macs_per_sample": sp / bs, "dense_macs_per_sample": de / bs,
             "active_sites_per_sample": [r.active_sites / bs for r in rows]}
+    names = train_data.class_names   # the model's classes: held-out labels go by name
     logf = open(log, "a") if log is not None else None
     try:
         for epoch in range(start, cfg.epochs):
@@ -301,7 +438,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                 ev = evaluate(model, test_data, batch_size=cfg.batch_size,
                               tta=cfg.tta, augment=aug, features=cfg.features,
                               signature_depth=cfg.signature_depth, scale=cfg.scale,
-                              device=device)
+                              device=device, class_names=names)
                 rec.update({f"test_{k}": v for k, v in ev.items() if k != "n"})
             for name, ds in (extra_eval or {}).items():
                 if len(ds) and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -310,15 +447,13 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                                   augment=aug if cfg.tta > 1 else False,
                                   features=cfg.features,
                                   signature_depth=cfg.signature_depth, scale=cfg.scale,
-                                  device=device)
+                                  device=device, class_names=names)
                     rec.update({f"{name}_{k}": v for k, v in ev.items() if k != "n"})
             if epoch == 0 or start == epoch:
                 rec.update(cost)
             history.append(rec)
             if progress:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()
-                         if not isinstance(v, list)}
-                print(json.dumps(shown), flush=True)
+                _bar_write(epoch_summary(rec, cfg.epochs, list(extra_eval or ())))
             if logf is not None:
                 logf.write(json.dumps(rec, default=_json_default) + "\n")
                 logf.flush()

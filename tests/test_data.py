@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import re
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -23,6 +25,7 @@ from sparsecnn.data import (
     load_character,
     load_kanjivg,
     load_kanjivg_variants,
+    load_samples,
     load_strokes,
     normalize,
     num_feature_channels,
@@ -34,6 +37,7 @@ from sparsecnn.data import (
     run_signatures,
     save_strokes,
     segment_signature,
+    strokes_from_json,
     synthetic_strokes,
 )
 from sparsecnn.data import kanjivg as kv
@@ -638,6 +642,99 @@ def test_corrupt_files_raise_value_error_naming_file(tmp_path, name, content):
     path.write_bytes(content)
     with pytest.raises(ValueError, match=name):
         load_strokes(path)
+
+
+# ---------------------------------------------------------------------------
+# strokes read from JSON: strict, nothing reshaped, no strings or booleans as numbers
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value, where, what",
+    [
+        ([[1, 2], [3, 4]], r"strokes\[0\]\[0\]", "nesting level is missing"),
+        ([[[[1, 2], [3, 4]]]], r"strokes\[0\]\[0\]", "one nesting level too many"),
+        ([[["1.5", 2]]], r"strokes\[0\]\[0\]", "a string and a number"),
+        ([[[0, 0], [True, 1]]], r"strokes\[0\]\[1\]", "a boolean and a number"),
+        ([[[0, 0, 0]]], r"strokes\[0\]\[0\]", "of 3 values"),
+        ([[[0, None]]], r"strokes\[0\]\[0\]", "null"),
+        ([[]], r"strokes\[0\]", "empty list"),
+        ([[[0, 0]], 5], r"strokes\[1\]", "got a number"),
+        ({"x": 1}, "strokes", "got an object"),
+        ([[[1e308 * 10, 0]]], r"strokes\[0\]", "non-finite"),
+        ([[[10**400, 0]]], r"strokes\[0\]", "too large"),
+    ],
+)
+def test_strokes_from_json_refuses_what_it_would_have_to_guess(value, where, what):
+    with pytest.raises(ValueError, match=where) as info:
+        strokes_from_json(value)
+    assert what in str(info.value)
+
+
+def test_strokes_from_json_keeps_the_structure():
+    got = strokes_from_json([[[0, 1], [2.5, 3]], [[4, 5]]])
+    assert [s.dtype for s in got] == [np.float64, np.float64]
+    assert [s.tolist() for s in got] == [[[0, 1], [2.5, 3]], [[4, 5]]]
+    assert strokes_from_json([]) == []
+
+
+@pytest.mark.parametrize(
+    "strokes",
+    ['[[["0.5", "0.5"]]]', "[[[true, false]]]", "[[[0, 0], [1, true]]]", "[[0, 0], [1, 1]]",
+     "[[[[0, 0], [1, 1]]]]"],
+)
+def test_load_strokes_jsonl_refuses_strings_booleans_and_wrong_nesting(tmp_path, strokes):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"label": 0, "strokes": [[[0, 0]]]}\n'
+                    f'{{"label": 0, "strokes": {strokes}}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"d\.jsonl.*line 2: strokes\["):
+        load_strokes(path)
+
+
+def test_as_strokes_refuses_string_and_boolean_arrays():
+    with pytest.raises(TypeError, match=r"samples\[0\]\[0\].*dtype"):
+        StrokeDataset([[np.array([["0.5", "1"]])]], [0])
+    with pytest.raises(TypeError, match="dtype bool"):
+        StrokeDataset([[np.array([[True, False]])]], [0])
+    ds = StrokeDataset([[np.array([[1, 2]], dtype=np.int32), [[0.5, 1.5]]]], [0])
+    assert ds.samples[0][0].dtype == np.float64
+
+
+def test_load_samples_formats_agree(tmp_path):
+    sample = [[[0, 0], [3, 4]], [[1, 1]]]
+    files = {
+        "bare.json": json.dumps(sample),
+        "object.json": json.dumps({"strokes": sample}),
+        "list.json": json.dumps([{"strokes": sample}, {"strokes": sample[:1]}]),
+        "lines.jsonl": json.dumps({"class_names": ["a"]}) + "\n"
+        + json.dumps({"label": "a", "strokes": sample}) + "\n\n",
+    }
+    got = {}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        got[name] = [[s.tolist() for s in smp] for smp in load_samples(tmp_path / name)]
+    want = [[[[0.0, 0.0], [3.0, 4.0]], [[1.0, 1.0]]]]
+    assert got["bare.json"] == got["object.json"] == got["lines.jsonl"] == want
+    assert got["list.json"] == want + [want[0][:1]]
+
+
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        ("{", "not valid JSON"),
+        ("[]", "holds no strokes"),
+        ('[{"strokes": [[[0, 0]]]}, {"strokes": [[0, 0]]}]', r"sample 1: strokes\[0\]\[0\]"),
+        ('[{"strokes": [[[0, 0]]]}, [[[0, 0]]]]', "mixing objects and strokes"),
+        ('[{"points": []}]', "without 'strokes'"),
+        ("[" * 100000 + "]" * 100000, "JSON"),
+    ],
+)
+def test_load_samples_errors_name_the_file(tmp_path, text, what):
+    path = tmp_path / "s.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match="s.json") as info:
+        load_samples(path)
+    assert re.search(what, str(info.value)), str(info.value)
+    with pytest.raises(FileNotFoundError):
+        load_samples(tmp_path / "missing.json")
 
 
 def test_corrupt_npz_contents(tmp_path):

@@ -1,5 +1,6 @@
 """Trainer: learns, resumes exactly, is deterministic, guards divergence; CLI smoke tests."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,13 +123,15 @@ def test_cli_train_predict_evaluate(tmp_path, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
-def test_cli_predict_bad_file(tmp_path):
+def test_cli_predict_bad_file(tmp_path, capsys):
     out = tmp_path / "m.npz"
     scn.save(_model(), out)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([[["a", "b"]]]))
-    with pytest.raises(SystemExit, match="not a list of strokes"):
-        main(["predict", str(out), str(bad)])
+    assert main(["predict", str(out), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparsecnn predict: error: ") and "bad.json" in err
+    assert "must be a point [x, y] of two numbers" in err
 
 
 def test_cli_show(tmp_path):
@@ -155,6 +158,93 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--device", "cuda", "--data", "synthetic", "--classes", "2",
                  "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sparsecnn train: GPU backend not available") and "pip install" in err
+    assert err.startswith("sparsecnn train: error: GPU backend not available")
+    assert "pip install" in err and err.count("\n") == 1
     assert main(["evaluate", str(tmp_path / "missing.npz"), "--quiet"]) == 2
     assert "missing.npz" in capsys.readouterr().err
+
+
+# -- too little data, empty inputs, tta ---------------------------------------------------------
+def test_fit_refuses_empty_or_unfitting_data_before_training(strokes):
+    train, test = strokes
+    empty = train.subset([])
+    model = _model()
+    before = _weights(model)
+    with pytest.raises(ValueError, match="train_data is empty"):
+        T.fit(model, empty, test, epochs=1, **FAST)
+    with pytest.raises(ValueError, match="test_data is empty"):
+        T.fit(model, train, empty, epochs=1, **FAST)
+    wide = data.synthetic_strokes(7, 2, seed=0)      # 7 classes for a 6-class model
+    with pytest.raises(ValueError, match="labels up to 6, but the model has 6 classes"):
+        T.fit(model, wide, epochs=1, **FAST)
+    renamed = data.StrokeDataset(test.samples, test.labels, [f"x{i}" for i in range(6)])
+    with pytest.raises(ValueError, match="test_data has 6 classes that the model does not "
+                                         "know: 'x0', 'x1'"):
+        T.fit(model, train, renamed, epochs=1, **FAST)
+    for a, b in zip(before, _weights(model)):   # refused before the first step
+        np.testing.assert_array_equal(a, b)
+
+
+def test_predict_on_no_samples_gives_no_rows():
+    p = T.predict(_model(), [])
+    assert p.shape == (0, 6) and p.dtype == np.float32
+
+
+@pytest.mark.parametrize("bad, err", [(0, ValueError), (-1, ValueError), (True, TypeError),
+                                      (1.5, TypeError)])
+def test_tta_must_be_a_positive_int(strokes, bad, err):
+    train, test = strokes
+    with pytest.raises(err, match="tta"):
+        T.evaluate(_model(), test, tta=bad)
+    with pytest.raises(err, match="tta"):
+        T.predict(_model(), test.samples[:2], tta=bad)
+    with pytest.raises(ValueError, match="tta"):   # FitConfig says ValueError for all
+        T.fit(_model(), train, epochs=1, tta=bad, **FAST)
+
+
+# -- evaluation matches classes by name ---------------------------------------------------------
+def test_evaluate_maps_labels_by_class_name(strokes):
+    _, test = strokes
+    model = _model()
+    names = list(test.class_names)
+    ref = T.evaluate(model, test, class_names=names)
+    assert ref == T.evaluate(model, test)   # same names: labels are the indices
+    # the same drawings and classes, the names listed in another order
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    shuffled = data.StrokeDataset(test.samples, perm[test.labels], [names[i] for i in
+                                                                    np.argsort(perm)])
+    assert shuffled.class_names != names
+    assert T.evaluate(model, shuffled, class_names=names) == ref
+    # what scoring by index gives on the reordered data: something else
+    assert T.evaluate(model, shuffled)["loss"] != pytest.approx(ref["loss"])
+    # a subset of the model's classes, named
+    sub = data.StrokeDataset(test.samples[:8], [0] * 8, [names[test.labels[0]], "unused"])
+    assert T.evaluate(model, sub, class_names=names)["n"] == 8
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(strokes):
+    _, test = strokes
+    names = list(test.class_names)
+    other = data.StrokeDataset(test.samples, test.labels, names[:4] + ["cat", "dog"])
+    with pytest.raises(ValueError, match=r"data has 2 classes that the model does not know: "
+                                         r"'cat', 'dog'; the model's 6 classes are 'class_0'"):
+        T.evaluate(_model(), other, class_names=names)
+    with pytest.raises(ValueError, match="class_names has 5 names, but the model has 6"):
+        T.evaluate(_model(), test, class_names=names[:5])
+
+
+# -- what the terminal shows while training -----------------------------------------------------
+def test_fit_prints_one_readable_line_per_epoch(strokes, tmp_path, capsys):
+    train, test = strokes
+    log = tmp_path / "log.jsonl"
+    T.fit(_model(), train, test, epochs=2, eval_every=2, log=log, batch_size=16, lr=0.02,
+          progress=True, extra_eval={"again": test})
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2, out
+    assert re.fullmatch(r"epoch 1/2  loss \d\.\d{4}  accuracy \d+\.\d\d%  \d+ samples/s  lr \S+",
+                        out[0]), out[0]
+    assert re.fullmatch(r"epoch 2/2  loss \d\.\d{4}  accuracy \d+\.\d\d%  held-out \d+\.\d\d% "
+                        r"\(top-5 \d+\.\d\d%\)  again \d+\.\d\d%  \d+ samples/s  lr \S+",
+                        out[1]), out[1]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and "test_accuracy" in rows[1]

@@ -11,6 +11,7 @@ Augmentation (:mod:`sparsecnn.data.augment`)
     :func:`random_affine`, :func:`apply_affine`, :func:`augment`
 Datasets (:mod:`sparsecnn.data.dataset`)
     :class:`StrokeDataset`, :func:`save_strokes`, :func:`load_strokes`,
+    :func:`load_samples`, :func:`strokes_from_json`,
     :func:`synthetic_strokes`, :class:`Batch`, :func:`collate`,
     :class:`BatchIterator`
 KanjiVG (:mod:`sparsecnn.data.kanjivg`)
@@ -24,8 +25,10 @@ from .dataset import (
     BatchIterator,
     StrokeDataset,
     collate,
+    load_samples,
     load_strokes,
     save_strokes,
+    strokes_from_json,
     synthetic_strokes,
 )
 from .kanjivg import (
@@ -70,6 +73,8 @@ __all__ = [
     "StrokeDataset",
     "save_strokes",
     "load_strokes",
+    "load_samples",
+    "strokes_from_json",
     "synthetic_strokes",
     "Batch",
     "collate",

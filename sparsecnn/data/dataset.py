@@ -54,6 +54,8 @@ __all__ = [
     "StrokeDataset",
     "save_strokes",
     "load_strokes",
+    "load_samples",
+    "strokes_from_json",
     "synthetic_strokes",
     "Batch",
     "collate",
@@ -317,6 +319,7 @@ def load_strokes(path: str | os.PathLike[str]) -> StrokeDataset:
         EOFError,
         zipfile.BadZipFile,
         UnicodeDecodeError,
+        RecursionError,
     ) as exc:
         raise ValueError(f"corrupt or invalid stroke file {str(path)!r}: {exc}") from exc
 
@@ -357,6 +360,161 @@ def _load_npz(path: Path) -> StrokeDataset:
     return StrokeDataset(samples, labels, [str(n) for n in names])
 
 
+_JSON_NUMBER = (int, float)  # what json.loads gives for numbers; bool is not one
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, _JSON_NUMBER):
+        return "a number"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "an object"
+    return "a list" if isinstance(value, list) else type(value).__name__
+
+
+def strokes_from_json(value: Any, name: str = "strokes") -> Strokes:
+    """A stroke sample from parsed JSON, checked strictly.
+
+    The sample must be a list of strokes, each a non-empty list of ``[x, y]``
+    points whose coordinates are finite JSON numbers.  Nothing is reshaped: a
+    missing or extra nesting level is an error, and strings (``"1.5"``) and
+    booleans are not taken as numbers.  :func:`load_strokes` (``.jsonl``) and
+    :func:`load_samples` read strokes with this function.
+
+    Parameters
+    ----------
+    value : object
+        What :func:`json.loads` returned for the sample.
+    name : str
+        Name of the sample in error messages.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        float64 ``(n_i, 2)`` arrays.
+
+    Raises
+    ------
+    ValueError
+        Naming the first offending stroke or point and what was found there.
+    """
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{name} must be a list of strokes [[x, y], ...], got {_json_kind(value)}"
+        )
+    out: Strokes = []
+    for j, stroke in enumerate(value):
+        if not isinstance(stroke, list) or not stroke:
+            what = "an empty list" if isinstance(stroke, list) else _json_kind(stroke)
+            raise ValueError(
+                f"{name}[{j}] must be a stroke, a non-empty list of [x, y] points, got {what}"
+            )
+        for k, pt in enumerate(stroke):
+            if (
+                type(pt) is list
+                and len(pt) == 2
+                and type(pt[0]) in _JSON_NUMBER
+                and type(pt[1]) in _JSON_NUMBER
+            ):
+                continue
+            if isinstance(pt, _JSON_NUMBER) and not isinstance(pt, bool):
+                hint = (
+                    " (a nesting level is missing: a sample is a list of strokes, "
+                    "a stroke a list of [x, y] points)"
+                )
+            elif isinstance(pt, list) and pt and isinstance(pt[0], list):
+                hint = " of lists (one nesting level too many)"
+            elif isinstance(pt, list) and len(pt) == 2:
+                hint = f" holding {_json_kind(pt[0])} and {_json_kind(pt[1])}"
+            elif isinstance(pt, list):
+                hint = f" of {len(pt)} values"
+            else:
+                hint = ""
+            raise ValueError(
+                f"{name}[{j}][{k}] must be a point [x, y] of two numbers, got "
+                f"{_json_kind(pt)}{hint}"
+            )
+        try:
+            arr = np.array(stroke, dtype=np.float64)
+        except OverflowError:
+            raise ValueError(f"{name}[{j}] holds a number too large for float64") from None
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name}[{j}] contains non-finite coordinates")
+        out.append(arr)
+    return out
+
+
+def load_samples(path: str | os.PathLike[str]) -> list[Strokes]:
+    """Unlabelled stroke samples (e.g. to classify) from a ``.json`` or ``.jsonl`` file.
+
+    ``.json`` holds one sample ``[[[x, y], ...], ...]``, one object
+    ``{"strokes": sample}``, or a list of such objects.  ``.jsonl`` holds one
+    object with ``"strokes"`` per line (the format of :func:`load_strokes`;
+    labels and a ``class_names`` line are ignored).  Strokes are checked with
+    :func:`strokes_from_json`, as training data are.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ValueError
+        If the file is not valid JSON, holds no sample, or a sample is not a
+        list of strokes (the message names the file and the sample).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    where = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".jsonl":
+            docs = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"line {lineno}: invalid JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise ValueError(f"line {lineno}: expected a JSON object")
+                if "strokes" in obj or "class_names" not in obj:
+                    docs.append((f"line {lineno}", obj))
+        else:
+            doc = json.loads(text)
+            if isinstance(doc, list) and doc and all(isinstance(d, dict) for d in doc):
+                docs = [(f"sample {i}", d) for i, d in enumerate(doc)]
+            elif isinstance(doc, list) and any(isinstance(d, dict) for d in doc):
+                raise ValueError("a list mixing objects and strokes")
+            else:
+                docs = [("", doc)]
+        samples = []
+        for w, d in docs:
+            if isinstance(d, dict):
+                if "strokes" not in d:
+                    raise ValueError(f"{w}: an object without 'strokes'")
+                d = d["strokes"]
+            try:
+                samples.append(strokes_from_json(d))
+            except ValueError as exc:
+                raise ValueError(f"{w}: {exc}" if w else str(exc)) from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno} "
+                         f"column {exc.colno})") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{where} is not readable JSON: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if not samples or all(len(smp) == 0 for smp in samples):
+        raise ValueError(f"{where} holds no strokes")
+    return samples
+
+
 def _load_jsonl(path: Path) -> StrokeDataset:
     class_names: list[str] | None = None
     raw_labels: list[Any] = []
@@ -385,12 +543,9 @@ def _load_jsonl(path: Path) -> StrokeDataset:
             label = obj["label"]
             if isinstance(label, bool) or not isinstance(label, (int, str)):
                 raise ValueError(f"line {lineno}: label must be an int or a str")
-            strokes = obj["strokes"]
-            if not isinstance(strokes, list):
-                raise ValueError(f"line {lineno}: strokes must be a list")
             try:
-                samples.append(as_strokes(strokes))
-            except (TypeError, ValueError) as exc:
+                samples.append(strokes_from_json(obj["strokes"]))
+            except ValueError as exc:
                 raise ValueError(f"line {lineno}: {exc}") from None
             raw_labels.append(label)
     kinds = {type(x) for x in raw_labels}

@@ -71,7 +71,8 @@ def as_strokes(strokes: Sequence[np.ndarray], *, name: str = "strokes") -> Strok
     ------
     TypeError
         If ``strokes`` is not a sequence (a bare ndarray or string counts as
-        wrong: a sample is a *list* of strokes) or a stroke is not numeric.
+        wrong: a sample is a *list* of strokes) or a stroke is not numeric
+        (strings and booleans are not taken as numbers).
     ValueError
         If a stroke does not have shape ``(n, 2)`` with ``n >= 1`` or holds
         non-finite values.
@@ -83,9 +84,15 @@ def as_strokes(strokes: Sequence[np.ndarray], *, name: str = "strokes") -> Strok
     out: Strokes = []
     for i, stroke in enumerate(strokes):
         try:
-            arr = np.array(stroke, dtype=np.float64)
+            arr = np.asarray(stroke)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name}[{i}] is not a numeric (n, 2) array: {exc}") from None
+        # strings ("1.5") and booleans would convert to numbers: refuse them
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(
+                f"{name}[{i}] must hold real numbers, got an array of dtype {arr.dtype}"
+            )
+        arr = arr.astype(np.float64)
         if arr.ndim != 2 or arr.shape[1] != 2:
             raise ValueError(f"{name}[{i}] must have shape (n, 2), got {arr.shape}")
         if arr.shape[0] == 0:
