@@ -394,10 +394,13 @@ def build_sim_library(path: Path, source: str, kernels: tuple[str, ...]) -> Path
     extra = tuple(os.environ.get("SPARSECNN_CUDA_SIM_CXXFLAGS", "").split())
     flags = SIM_CXXFLAGS + extra
     header = SIM_HEADER.read_text()
-    wrapper = (f'#include "{SIM_HEADER}"\n#include "{path}"\n'
-               + "".join(f"SCNN_SIM_EXPORT({k})\n" for k in kernels))
+    # the source goes in inline under its file name, so that the library (and its cache key)
+    # depends on what is compiled, not on where the file lies
+    exports = "".join(f"SCNN_SIM_EXPORT({k})\n" for k in kernels)
+    wrapper = (f'#include "{SIM_HEADER}"\n#line 1 "{path.name}"\n{source}\n'
+               f'#line 1 "{path.stem}_exports"\n{exports}')
     h = hashlib.sha256()
-    for part in (header, source, wrapper, _compiler_id(cxx), " ".join(flags)):
+    for part in (header, path.name, source, exports, _compiler_id(cxx), " ".join(flags)):
         h.update(part.encode())
         h.update(b"\0")
     out = sim_cache_dir() / f"{path.stem}-{h.hexdigest()[:20]}.so"
@@ -407,7 +410,7 @@ def build_sim_library(path: Path, source: str, kernels: tuple[str, ...]) -> Path
         cpp = Path(tmp) / f"{path.stem}_sim.cpp"
         cpp.write_text(wrapper)
         lib = Path(tmp) / out.name
-        cmd = [cxx, *flags, "-x", "c++", str(cpp), "-o", str(lib)]
+        cmd = [cxx, *flags, f"-I{path.parent}", "-x", "c++", str(cpp), "-o", str(lib)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"compiling {path.name} for the CUDA simulation failed:\n"
