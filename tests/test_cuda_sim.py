@@ -427,3 +427,44 @@ def test_simulation_env_selects_sim_module(monkeypatch):
     monkeypatch.setenv("SPARSECNN_CUDA_SIM", "1")
     assert _launch.simulation_requested()
     assert isinstance(_launch.load_module("hash.cu"), _launch.SimModule)
+
+
+def test_cupy_launcher_interface_with_a_stub(monkeypatch):
+    """The CuPy launcher, without CuPy: a stub module records what would reach CuPy."""
+    import sys
+    import types
+
+    calls = []
+
+    class StubArray:
+        def __init__(self, a):
+            self.dtype, self.shape, self.flags = a.dtype, a.shape, a.flags
+
+    class StubRawModule:
+        def __init__(self, code, options):
+            calls.append(("module", options, "scnn_hash_lookup" in code))
+
+        def get_function(self, name):
+            return lambda grid, block, args, shared_mem=0: calls.append(
+                ("launch", name, grid, block, args, shared_mem))
+
+    stub = types.ModuleType("cupy")
+    stub.ndarray, stub.RawModule = StubArray, StubRawModule
+    monkeypatch.setitem(sys.modules, "cupy", stub)
+    mod = _launch.CupyModule(_launch.KERNEL_DIR / "hash.cu")
+    k = mod.get_function("scnn_hash_lookup")
+    keys = StubArray(np.zeros(16, np.int64))
+    vals = StubArray(np.zeros(16, np.int32))
+    q = StubArray(np.zeros(3, np.int64))
+    out = StubArray(np.zeros(3, np.int32))
+    k(1, 64, (keys, vals, np.int64(16), np.int32(60), q, np.int32(3), out))
+    assert calls[0] == ("module", _launch.NVRTC_OPTIONS, True)
+    _, name, grid, block, args, shm = calls[1]
+    assert (name, grid, block, shm) == ("scnn_hash_lookup", (1, 1, 1), (64, 1, 1), 0)
+    assert args[0] is keys and args[2].dtype == np.int64 and args[3].dtype == np.int32
+    k(1, 64, (keys, vals, 16, np.int32(60), q, np.int32(3), out))  # int -> int64, as CuPy
+    with pytest.raises(TypeError, match=r"argument 3 \(int32 shift\) needs numpy.int32"):
+        k(1, 64, (keys, vals, np.int64(16), 60, q, np.int32(3), out))
+    with pytest.raises(TypeError, match="needs a cupy array"):
+        k(1, 64, (np.zeros(16, np.int64), vals, np.int64(16), np.int32(60), q, np.int32(3),
+                  out))

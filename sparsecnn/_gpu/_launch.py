@@ -179,6 +179,7 @@ def _describe(v) -> str:
 
 def _check_args(kernel: str, params: tuple[Param, ...], args, array_type, *, sim: bool):
     """Validated arguments: arrays unchanged, scalars as numpy scalars of the parameter's dtype."""
+    label = "numpy" if sim else "cupy"
     if not isinstance(args, (tuple, list)):
         raise TypeError(f"{kernel}: args must be a tuple or list, got {type(args).__name__}")
     if len(args) != len(params):
@@ -189,7 +190,7 @@ def _check_args(kernel: str, params: tuple[Param, ...], args, array_type, *, sim
         where = f"{kernel}: argument {i} ({p.spelling()})"
         if p.pointer:
             if not isinstance(a, array_type):
-                raise TypeError(f"{where} needs a {array_type.__module__.split('.')[0]} array, "
+                raise TypeError(f"{where} needs a {label} array, "
                                 f"got {_describe(a)}")
             if a.dtype != p.dtype:
                 raise TypeError(f"{where} needs dtype {p.dtype}, got {a.dtype}")
