@@ -31,6 +31,8 @@ class Rulebook:
     stride: int
     _window: Any = field(default=None, compare=False, repr=False)
     _input_window: Any = field(default=None, compare=False, repr=False)
+    #: what a backend derives from the pairs and keeps with them (window tables, plans)
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def n_pairs(self) -> int:
