@@ -1,19 +1,37 @@
 """Devices, array modules and kernel modules.
 
 Layers never branch on the device: they ask :func:`kernels` for ``sparsecnn._cpu`` or
-``sparsecnn._gpu`` (same names, same signatures) and :func:`xp` for numpy or cupy.
+``sparsecnn._gpu`` (same names, same signatures) and :func:`xp` for the array module (numpy,
+or cupy). Device ``"cuda"`` is a CUDA GPU through CuPy, or, with ``SPARSECNN_CUDA_SIM=1`` in
+the environment, the CPU simulation of the same CUDA kernels on host memory
+(:mod:`sparsecnn._gpu._arrays`): slow, for tests and kernel debugging. Only this module and
+``sparsecnn._gpu`` know which of the two it is.
+
+Every copy between host and device made by the library goes through :func:`to_device`, which
+counts them in :data:`transfers` (tests assert how many one training step makes).
 """
 from __future__ import annotations
 
+import os
+from collections import Counter
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 DEVICES = ("cpu", "cuda")
 
+#: host <-> device copies made through :func:`to_device`: keys "to_host" and "to_device"
+transfers: Counter = Counter()
+
 
 class GPUUnavailableError(ValueError, RuntimeError):
     """A CUDA device was asked for but cannot be used (a ValueError, as bad input is)."""
+
+
+def simulation() -> bool:
+    """Whether ``SPARSECNN_CUDA_SIM`` asks for the CPU simulation of the CUDA backend."""
+    return os.environ.get("SPARSECNN_CUDA_SIM", "").strip() not in ("", "0")
 
 
 def parse_device(device: str | None) -> str:
@@ -31,7 +49,8 @@ def parse_device(device: str | None) -> str:
 
 
 def gpu_status() -> tuple[bool, str]:
-    """(available, reason): whether the CUDA backend can run here, and why not."""
+    """(available, description): whether the CUDA backend can run here, and on what (or why
+    not)."""
     try:
         from . import _gpu
     except ImportError as e:  # pragma: no cover - package incomplete
@@ -68,28 +87,49 @@ def kernels(device: str) -> ModuleType:
             _prepare_cpu()
         return _cpu
     require_device(device)
-    from . import _gpu  # pragma: no cover - needs a GPU
-    return _gpu  # pragma: no cover
+    from . import _gpu
+    return _gpu
 
 
 def xp(device: str) -> ModuleType:
-    """Array module for ``device``: numpy or cupy."""
+    """Array module for ``device``: numpy, or cupy (the simulated device's module under
+    ``SPARSECNN_CUDA_SIM=1``)."""
     if device == "cpu":
         return np
     require_device(device)
+    if simulation():
+        from ._gpu._arrays import sim_xp
+        return sim_xp
     import cupy  # pragma: no cover - needs a GPU
     return cupy  # pragma: no cover
 
 
-def device_of(array) -> str:
-    """'cuda' for a cupy array, else 'cpu'."""
-    return "cuda" if type(array).__module__.startswith("cupy") else "cpu"
+def device_of(array: Any) -> str:
+    """'cuda' for a device array (CuPy's, or the simulation's), else 'cpu'."""
+    t = type(array)
+    if t is np.ndarray:
+        return "cpu"
+    mod = t.__module__
+    if mod.startswith("cupy") or mod == "sparsecnn._gpu._arrays":
+        return "cuda"
+    return "cpu"
 
 
-def to_device(array, device: str):
-    """Copy ``array`` to ``device`` (no copy if it is already there)."""
+def to_device(array: Any, device: str) -> Any:
+    """``array`` on ``device`` (no copy if it is already there); counted in :data:`transfers`."""
     if device_of(array) == device:
         return array
     if device == "cpu":
-        return array.get()  # pragma: no cover - needs a GPU
+        transfers["to_host"] += 1
+        return array.get()
+    require_device(device)
+    transfers["to_device"] += 1
+    if simulation():
+        from ._gpu._arrays import to_sim
+        return to_sim(array)
     return xp(device).asarray(array)  # pragma: no cover - needs a GPU
+
+
+def to_host(array: Any) -> np.ndarray:
+    """``to_device(array, "cpu")``: a NumPy array (a counted copy if ``array`` is on a device)."""
+    return to_device(array, "cpu")
