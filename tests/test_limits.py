@@ -342,7 +342,8 @@ assert np.allclose(gx, want)
 
 
 # -- the pair-list paths give the window paths' results --------------------------------------
-def _random_rulebook(rng, d=2, f=3, s=2, n=40, B=2):
+def _random_rulebook(rng, d=2, f=3, s=2, n=400, B=2):
+    """Sites at ~90% density (some windows full, some with gaps) and its rulebook."""
     N = 9 if (9 - f) % s == 0 else 8
     c = np.unique(np.column_stack([rng.integers(0, B, n)]
                                   + [rng.integers(0, N, n) for _ in range(d)]), axis=0)
@@ -355,7 +356,9 @@ def _random_rulebook(rng, d=2, f=3, s=2, n=40, B=2):
 @pytest.mark.parametrize("fs", [(3, 2), (2, 2), (3, 1)])
 def test_maxpool_from_pairs_equals_from_window(fs, slope, rng):
     x, rb = _random_rulebook(rng, f=fs[0], s=fs[1])
-    g = rng.standard_normal(5)
+    assert (np.bincount(rb.out_idx) == fs[0] ** 2).any()     # some windows have no gap
+    assert (np.bincount(rb.out_idx) < fs[0] ** 2).any()
+    g = rng.standard_normal(5) + 3      # the ground wins where it is a candidate
     a = _cpu.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
                              window=rb.window, negative_slope=slope)
     b = _cpu.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
@@ -426,7 +429,7 @@ def test_fused_conv_pool_falls_back_when_the_windows_are_too_large(rng):
 def _kernel_calls(rng):
     """(module, call) for every kernel path that allocates scratch with malloc."""
     x, rb = _random_rulebook(rng, f=3, s=2)
-    rb22 = _random_rulebook(rng, f=2, s=2)[1]
+    x22, rb22 = _random_rulebook(rng, f=2, s=2)
     n_in, n_out = x.n_active, rb.n_out
     f5 = x.features
     f2 = np.ascontiguousarray(f5[:, :2])
@@ -437,8 +440,8 @@ def _kernel_calls(rng):
     gp = rng.standard_normal((n_out, 5))
     out, arg = _cpu.maxpool_forward(f5, g5, rb.in_idx, rb.out_idx, rb.offsets, n_out)
     iw = _cpu.build_window(rb.out_idx, rb.in_idx, rb.offsets, n_in)
-    o22, a22 = _cpu.maxpool_forward(f5, g5, rb22.in_idx, rb22.out_idx, rb22.offsets,
-                                    rb22.n_out)
+    o22, a22 = _cpu.maxpool_forward(x22.features, g5, rb22.in_idx, rb22.out_idx,
+                                    rb22.offsets, rb22.n_out)
     sh = np.asarray(x.spatial_shape, np.int64)
     crd = x.coords
     shuffled = np.ascontiguousarray(crd[::-1])
@@ -452,7 +455,7 @@ def _kernel_calls(rng):
                                               n_in)),
         (_pool, lambda: _cpu.maxpool_backward(
             rng.standard_normal(o22.shape), a22, rb22.in_idx, rb22.out_idx, rb22.offsets,
-            n_in, window=rb22.window, negative_slope=0.1, output=o22)),
+            x22.n_active, window=rb22.window, negative_slope=0.1, output=o22)),
         (_conv, lambda: _conv.conv_forward(f2, w2, b3, g2, rb.in_idx, rb.out_idx,
                                            rb.offsets, n_out, window=rb.window)),
         (_conv, lambda: _conv.conv_forward(f5, w5, b3, g5, rb.in_idx, rb.out_idx,
