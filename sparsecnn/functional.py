@@ -282,6 +282,9 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
     a = _check_slope(negative_slope, "MaxPooling")
     rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
     prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling", window=True)
+    if rb.window is None or prb.window is None:     # tables far larger than the pairs
+        return max_pooling(_conv(x, weight, bias, rb, mid_geom, ground_state, "convolution"),
+                           pool_size, ground_state=pool_ground_state, negative_slope=a)
     K = backend.kernels(x.device)
     g_in, W_sum, g_mid, row = _conv_ground(x, weight, bias, ground_state)
     g, g_out = _pool_grounds(g_mid, pool_ground_state, a)

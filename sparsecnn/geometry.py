@@ -16,6 +16,23 @@ import numpy as np
 from . import backend
 
 _KEY_LIMIT = 2**62
+INT32_MAX = 2**31 - 1
+# Window volume f**d of a rulebook: its offsets array has f**d + 1 entries (int64) and the
+# kernels index offsets with int32, so f**d is bounded well below 2**31: 2**24 offsets are
+# 128 MiB. (MaxPooling(4096) on a 4096 x 4096 grid is the largest global pooling in 2-D.)
+MAX_WINDOW = 2**24
+# (input, output) pairs of one rulebook: in_idx / out_idx and the output rows are int32
+MAX_PAIRS = 2**31 - 1
+# The per-output window table (n_out, K) is built only while it is not far larger than the
+# pairs: n_out * K <= max(WINDOW_SLACK * n_pairs, WINDOW_FLOOR). Otherwise the kernels work
+# from the pair lists. The CPU rulebook kernel applies the same rule (_rulebook.window_fits).
+WINDOW_SLACK = 16
+WINDOW_FLOOR = 2**20
+
+
+def window_fits(n_rows: int, K: int, n_pairs: int) -> bool:
+    """Whether a (n_rows, K) window table is worth keeping for a rulebook of n_pairs pairs."""
+    return int(n_rows) * int(K) <= max(WINDOW_SLACK * int(n_pairs), WINDOW_FLOOR)
 
 
 @dataclass(frozen=True)
@@ -44,12 +61,16 @@ class Rulebook:
 
     @property
     def window(self) -> Any:
-        """The pairs grouped by output: (n_out, K) int32, window[o, k] = input row or -1.
+        """The pairs grouped by output: (n_out, K) int32, window[o, k] = input row or -1;
+        None when that table would be far larger than the pairs (``window_fits``: a large
+        window over few sites), and the kernels work from the pair lists instead.
 
         Usually filled by the rulebook kernel (Geometry.conv(..., window=True), as pooling
         and convolutions ask); otherwise built on first use. Kept, so forward and backward
         of every layer on this rulebook share it."""
         if self._window is None:
+            if not window_fits(self.n_out, self.kernel_volume, self.n_pairs):
+                return None
             K = backend.kernels(backend.device_of(self.in_idx))
             object.__setattr__(self, "_window", K.build_window(self.in_idx, self.out_idx,
                                                                self.offsets, self.n_out))
@@ -58,8 +79,11 @@ class Rulebook:
     @property
     def input_window(self) -> Any:
         """The pairs grouped by input: (n_in, K) int32, [i, k] = output row or -1 (an input
-        has at most one pair per offset). Built on first use (convolution backward) and kept."""
+        has at most one pair per offset); None when far larger than the pairs (as window).
+        Built on first use (convolution backward) and kept."""
         if self._input_window is None:
+            if not window_fits(self.n_in, self.kernel_volume, self.n_pairs):
+                return None
             K = backend.kernels(backend.device_of(self.in_idx))
             object.__setattr__(self, "_input_window", K.build_window(
                 self.out_idx, self.in_idx, self.offsets, self.n_in))
@@ -80,6 +104,40 @@ def check_packable(spatial_shape: tuple[int, ...], batch_size: int) -> None:
         raise ValueError(
             f"batch_size * prod(spatial_shape) = {total} is too large for the coordinate hash "
             f"(packed int64 keys hold at most 2**62 sites); use a smaller grid or batch")
+
+
+def _size_name(what: str) -> str:
+    return "pool_size" if "Pooling" in what else "filter_size"
+
+
+def check_window(spatial_shape: tuple[int, ...], n_sites: int, f: int, s: int,
+                 what: str = "Convolution") -> None:
+    """Refuse, before any work, a window whose rulebook the kernels cannot hold: f, s not
+    positive ints or s beyond int32 (coordinates are int32), a volume f**d above MAX_WINDOW,
+    or more than MAX_PAIRS (input, output) pairs (n_sites times the windows a site can lie
+    in)."""
+    name = _size_name(what)
+    for arg, v in ((name, f), ("stride", s)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise TypeError(f"{what}: {arg} must be an int, got {v!r}")
+        if v < 1:
+            raise ValueError(f"{what}: {arg} must be >= 1, got {v}")
+        if v > INT32_MAX:
+            raise ValueError(f"{what}: {arg} = {v} exceeds 2**31 - 1 (coordinates are int32)")
+    f, s, d = int(f), int(s), len(spatial_shape)
+    K = f ** d
+    if K > MAX_WINDOW:
+        raise ValueError(f"{what}: {name}**dim = {f}**{d} = {K} exceeds the limit 2**24 = "
+                         f"{MAX_WINDOW} on the window volume (a rulebook keeps one offset per "
+                         f"window position); use a smaller window, or pool in stages")
+    per_site = 1
+    for n in spatial_shape:
+        per_site *= min(-(-f // s), max((int(n) - f) // s + 1, 1))
+    if n_sites * per_site > MAX_PAIRS:
+        raise ValueError(f"{what}({name}={f}, stride={s}): {n_sites} active sites, each in up "
+                         f"to {per_site} windows, give up to {n_sites * per_site} (input, "
+                         f"output) pairs; at most 2**31 - 1 are supported (use a larger stride "
+                         f"or fewer sites)")
 
 
 def conv_output_shape(spatial_shape: tuple[int, ...], f: int, s: int,
@@ -155,9 +213,10 @@ class Geometry:
         key = ("conv", f, s)
         hit = self._cache.get(key)
         if hit is None:
+            check_window(self.spatial_shape, self.n_active, f, s, what)
             out_shape = conv_output_shape(self.spatial_shape, f, s, what)
             oc, in_idx, out_idx, offsets, *win = self.kernels.build_conv_rulebook(
-                self.coords, self.shape_array(), f, s, window=window)
+                self.coords, self.shape_array(), int(f), int(s), window=window)
             out = Geometry(oc, out_shape, self.batch_size, self.device)
             rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s,
                           win[0] if window else None)
@@ -169,9 +228,10 @@ class Geometry:
         key = ("sub", f, 1)
         rb = self._cache.get(key)
         if rb is None:
+            check_window(self.spatial_shape, 0, f, 1, "SubmanifoldConvolution")
             keys, vals = self.table
             in_idx, out_idx, offsets = self.kernels.build_submanifold_rulebook(
-                self.coords, self.shape_array(), keys, vals, f)
+                self.coords, self.shape_array(), keys, vals, int(f))
             rb = self._cache[key] = Rulebook(in_idx, out_idx, offsets, self.n_active,
                                              self.n_active, f, 1)
         return rb

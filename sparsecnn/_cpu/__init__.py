@@ -16,7 +16,12 @@ from ._conv import conv_backward as _conv_backward  # noqa: E402
 from ._conv import conv_forward as _conv_forward  # noqa: E402
 from ._conv import conv_maxpool_forward as _conv_maxpool_forward  # noqa: E402
 from ._openmp import USE_OPENMP, max_threads  # noqa: E402
-from ._pool import avgpool_backward, avgpool_forward, maxpool_backward, maxpool_forward  # noqa: E402
+from ._pool import (  # noqa: E402
+    avgpool_backward,
+    avgpool_forward,
+    maxpool_backward,
+    maxpool_forward,
+)
 from ._reduce import column_sums  # noqa: E402
 from ._rulebook import (  # noqa: E402
     build_conv_rulebook,

@@ -16,11 +16,12 @@ order (no float atomics).
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, int64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 from libc.string cimport memcpy
 
 import numpy as np
 
+from ._alloc cimport scn_alloc_pending, scn_fail_alloc, scn_malloc
 from ._blas cimport _gemm_nn, _gemm_nt, _gemm_tn
 from ._omp cimport barrier
 from ._rows cimport (
@@ -32,8 +33,6 @@ from ._rows cimport (
     scn_sub_double,
     scn_sub_float,
 )
-
-from ._rulebook import build_window
 
 cdef enum:
     FWD_CHUNK = 256     # rows per forward task (gather + result buffers stay in L2)
@@ -175,24 +174,33 @@ def _weight_bias(weight, bias):
                            np.asarray(bias).reshape(1, cout)])
 
 
-cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb,
-                             const floating[::1] g, const int32_t[:, ::1] win,
-                             floating[:, ::1] out) noexcept nogil:
+cdef int _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb,
+                            const floating[::1] g, const int32_t[:, ::1] win,
+                            floating[:, ::1] out) noexcept nogil:
     """Few input channels: per chunk of outputs, their windows as the rows of a matrix A
     (zeros where an offset has no input, then a column of ones), and out = A @ wb with wb =
     [weight as (K * C_in, C_out); bias]. With C_in this small the zeros cost little, while
-    K scattered passes over the whole output (or a branch per window entry) cost much."""
+    K scattered passes over the whole output (or a branch per window entry) cost much.
+    Returns 0, or -1 if out of memory."""
     cdef Py_ssize_t n_out = out.shape[0], n_in = x.shape[0], i
     cdef Py_ssize_t nch = (n_out + FWD_CHUNK - 1) // FWD_CHUNK, c, o0, r, t
-    cdef int KC = wb.shape[0], cout = wb.shape[1], cin = x.shape[1], ci
+    cdef int KC = wb.shape[0], cout = wb.shape[1], cin = x.shape[1]
     cdef floating* abuf
-    cdef floating* xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
+    cdef floating* xg = <floating*>scn_malloc((n_in + 1) * cin * sizeof(floating))
+    cdef int failed = 0
+    cdef int* failp = &failed
+    if xg == NULL:
+        return -1
     with parallel():
         for i in prange(n_in + 1, schedule='static'):
             _xg_row(x, g, i, xg)
         barrier()
-        abuf = <floating*>malloc(FWD_CHUNK * KC * sizeof(floating))
+        abuf = <floating*>scn_malloc(min(<Py_ssize_t>FWD_CHUNK, n_out) * KC * sizeof(floating))
+        if abuf == NULL:
+            failp[0] = 1
         for c in prange(nch, schedule='static'):
+            if abuf == NULL:
+                continue
             o0 = c * FWD_CHUNK
             r = min(FWD_CHUNK, n_out - o0)
             _im2col(xg, n_in, win, NULL, o0, r, cin, abuf, KC)
@@ -201,6 +209,7 @@ cdef void _small_cin_forward(const floating[:, ::1] x, const floating[:, ::1] wb
             _gemm_nn(<int>r, cout, KC, abuf, &wb[0, 0], <floating>0, &out[o0, 0])
         free(abuf)
     free(xg)
+    return -failed
 
 
 def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weight,
@@ -217,8 +226,8 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
              works on chunks of outputs, each output row accumulated in cache and written
              once (faster; the same sums in the same order, up to BLAS's rounding of a row
              by its place in a block); without it, per offset, scattering into the whole
-             output. When C_in is small the window is needed (built here if None): im2col
-             + GEMM per chunk of outputs.
+             output. When C_in is small and the window is given: im2col + GEMM per chunk of
+             outputs.
     Returns out : (n_out, C_out).
     """
     cdef int K = weight.shape[0], cin = weight.shape[1], cout = weight.shape[2], k
@@ -228,17 +237,21 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     cdef Py_ssize_t c, a, m, nch, o, co, rows
     cdef floating* gbuf
     cdef floating* ybuf
+    cdef int failed = 0, status
+    cdef int* failp = &failed
+    cdef bint ok
     if n_out == 0:
         return out_a
     cdef const int32_t[:, ::1] win
     cdef const floating[:, ::1] wb
-    if cin < SMALL_CIN and in_idx.shape[0]:
-        if window is None:
-            window = build_window(in_idx, out_idx, offsets, n_out)
+    if cin < SMALL_CIN and in_idx.shape[0] and window is not None:
         win = window
         wb = _weight_bias(weight, bias)
         with nogil:
-            _small_cin_forward(features, wb, ground, win, out)
+            status = _small_cin_forward(features, wb, ground, win, out)
+        if status:
+            raise MemoryError(f"conv_forward: out of memory for scratch ({n_out} outputs, "
+                              f"{K * cin} window values each)")
         return out_a
     cdef int32_t* sel
     cdef int32_t* src
@@ -247,11 +260,16 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
         rows = _fwd_rows(n_out)
         nch = (n_out + rows - 1) // rows
         with nogil, parallel():
-            gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))
-            ybuf = <floating*>malloc(FWD_CHUNK * cout * sizeof(floating))
-            sel = <int32_t*>malloc(2 * FWD_CHUNK * sizeof(int32_t))
+            gbuf = <floating*>scn_malloc(FWD_CHUNK * cin * sizeof(floating))
+            ybuf = <floating*>scn_malloc(FWD_CHUNK * cout * sizeof(floating))
+            sel = <int32_t*>scn_malloc(2 * FWD_CHUNK * sizeof(int32_t))
             src = sel + FWD_CHUNK
+            ok = gbuf != NULL and ybuf != NULL and sel != NULL
+            if not ok:
+                failp[0] = 1
             for c in prange(nch, schedule='dynamic'):
+                if not ok:
+                    continue
                 o = c * rows
                 _out_chunk(&features[0, 0], &weight[0, 0, 0], &ground[0], &bias[0], &win[0, 0],
                            NULL, o, min(rows, n_out - o), K, cin, cout, gbuf, ybuf, sel, src,
@@ -259,6 +277,8 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
             free(gbuf)
             free(ybuf)
             free(sel)
+        if failed:
+            raise MemoryError(f"conv_forward: out of memory ({cin} + {cout} channels)")
         return out_a
     with nogil:
         for o in prange(n_out, schedule='static'):   # every output starts from bias
@@ -267,13 +287,20 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
     if in_idx.shape[0] == 0:
         return out_a
     with nogil, parallel():
-        gbuf = <floating*>malloc(FWD_CHUNK * cin * sizeof(floating))
-        ybuf = <floating*>malloc(FWD_CHUNK * cout * sizeof(floating))
+        gbuf = <floating*>scn_malloc(FWD_CHUNK * cin * sizeof(floating))
+        ybuf = <floating*>scn_malloc(FWD_CHUNK * cout * sizeof(floating))
+        ok = gbuf != NULL and ybuf != NULL
+        if not ok:
+            failp[0] = 1
         for k in range(K):
             m = offsets[k + 1] - offsets[k]
+            if m == 0:      # the same for every thread (a large window has many empty offsets)
+                continue
             rows = _fwd_rows(m)
             nch = (m + rows - 1) // rows
             for c in prange(nch, schedule='dynamic'):
+                if not ok:
+                    continue
                 a = offsets[k] + c * rows
                 _fwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &in_idx[a],
                            &out_idx[a], min(rows, offsets[k + 1] - a), cin, cout,
@@ -281,6 +308,8 @@ def conv_forward(const floating[:, ::1] features, const floating[:, :, ::1] weig
             barrier()       # offset k + 1 scatters into the same rows
         free(gbuf)
         free(ybuf)
+    if failed:
+        raise MemoryError(f"conv_forward: out of memory ({cin} + {cout} channels)")
     return out_a
 
 
@@ -395,6 +424,9 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
     cdef floating[:, ::1] flat
     cdef floating* xg
     cdef floating* abuf
+    cdef int failed = 0
+    cdef int* failp = &failed
+    cdef bint ok
     if window is not None and not grad_input and cin < SMALL_CIN:
         # few input channels: dw = sum over chunks of outputs of A^T gy, A the chunk's
         # windows as rows (_im2col), partials summed in chunk order
@@ -403,13 +435,20 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
         part1_a = np.empty((nch1, K * E), dtype=dtype)
         flat = part1_a
         nblk = (K * E + RED_BLOCK - 1) // RED_BLOCK
-        xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
+        xg = <floating*>scn_malloc((n_in + 1) * cin * sizeof(floating))
+        if xg == NULL:
+            raise MemoryError(f"conv_backward: out of memory ({n_in + 1} x {cin} values)")
         with nogil, parallel():
             for i in prange(n_in + 1, schedule='static'):
                 _xg_row(features, ground, i, xg)
             barrier()
-            abuf = <floating*>malloc(FWD_CHUNK * K * cin * sizeof(floating))
+            abuf = <floating*>scn_malloc(min(<Py_ssize_t>FWD_CHUNK, max(n_out, 1)) * K * cin
+                                         * sizeof(floating))
+            if abuf == NULL:
+                failp[0] = 1
             for c in prange(nch1, schedule='static'):
+                if abuf == NULL:
+                    continue
                 a = min(FWD_CHUNK, n_out - c * FWD_CHUNK)
                 if a <= 0:      # no outputs at all: one zero partial
                     for e0 in range(K * E):
@@ -425,6 +464,9 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
                 _sum_partials(&flat[0, 0], K * E, nch1, e0, min(e0 + RED_BLOCK, K * E),
                               &gw[0, 0, 0])
         free(xg)
+        if failed:
+            raise MemoryError(f"conv_backward: out of memory ({K * cin} window values per "
+                              f"output)")
         return None, gw_a
     gx_a = np.empty((n_in if grad_input else 1, cin), dtype=dtype)
     cdef floating[:, ::1] gx = gx_a
@@ -456,12 +498,19 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
             for ci in range(cin):
                 gx[i, ci] = 0
         barrier()
-        xbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
-        gbuf = <floating*>malloc(maxrows * cout * sizeof(floating))
-        dxbuf = <floating*>malloc(maxrows * cin * sizeof(floating))
+        xbuf = <floating*>scn_malloc(maxrows * cin * sizeof(floating))
+        gbuf = <floating*>scn_malloc(maxrows * cout * sizeof(floating))
+        dxbuf = <floating*>scn_malloc(maxrows * cin * sizeof(floating))
+        ok = xbuf != NULL and gbuf != NULL and dxbuf != NULL
+        if not ok:
+            failp[0] = 1
         for k in range(K):
             nk = nch[k]
+            if nk == 0:     # the same for every thread (a large window has many empty offsets)
+                continue
             for c in prange(nk, schedule='dynamic'):
+                if not ok:
+                    continue
                 a = offsets[k] + c * rows[k]
                 _bwd_chunk(&features[0, 0], &weight[k, 0, 0], &ground[0], &grad_out[0, 0],
                            &in_idx[a], &out_idx[a], min(rows[k], offsets[k + 1] - a),
@@ -477,6 +526,9 @@ def conv_backward(const floating[:, ::1] features, const floating[:, :, ::1] wei
             e0 = (t % nblk) * RED_BLOCK
             _sum_partials(&part[base[kk], 0, 0], E, base[kk + 1] - base[kk], e0,
                           min(e0 + RED_BLOCK, E), &gw[kk, 0, 0])
+    if failed:
+        raise MemoryError(f"conv_backward: out of memory ({maxrows} rows of {cin} + {cout} "
+                          f"channels)")
     return (gx_a if grad_input else None), gw_a
 
 
@@ -512,10 +564,18 @@ cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g
     cdef floating[::1] flat = flat_a
     cdef floating* abuf
     cdef floating* xbuf
+    cdef int failed = 0
+    cdef int* failp = &failed
+    cdef bint ok
     with nogil, parallel():
-        abuf = <floating*>malloc(rows * KC * sizeof(floating))
-        xbuf = <floating*>malloc(rows * cin * sizeof(floating))
+        abuf = <floating*>scn_malloc(min(rows, n_in) * KC * sizeof(floating))
+        xbuf = <floating*>scn_malloc(min(rows, n_in) * cin * sizeof(floating))
+        ok = abuf != NULL and xbuf != NULL
+        if not ok:
+            failp[0] = 1
         for q in prange(ngr, schedule='dynamic'):
+            if not ok:
+                continue
             for c in range(q * per, min(nch, (q + 1) * per)):
                 i0 = c * rows
                 _bwd_in_chunk(&x[0, 0], &wt[0, 0], &g[0], &gy[0, 0], &iwin[0, 0], i0,
@@ -527,6 +587,8 @@ cdef _backward_by_inputs(const floating[:, ::1] x, weight, const floating[::1] g
         for t in prange(nblk, schedule='static'):   # group partials in a fixed order
             e0 = t * RED_BLOCK
             _sum_partials(&part[0, 0], E, ngr, e0, min(e0 + RED_BLOCK, E), &flat[0])
+    if failed:
+        raise MemoryError(f"conv_backward: out of memory ({rows} rows of {KC} values)")
     np.asarray(gw)[...] = flat_a.reshape(cin, K, cout).transpose(1, 0, 2)
 
 
@@ -560,9 +622,10 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
         return out_a, arg_a
     cdef floating[:, ::1] out = out_a
     cdef int32_t[:, ::1] arg = arg_a
-    cdef bint small = cin < SMALL_CIN, gap, act = negative_slope is not None
+    cdef bint small = cin < SMALL_CIN, act = negative_slope is not None, ok
     cdef floating a = negative_slope if act else 0
-    cdef floating neg_inf = -np.inf
+    cdef int failed = 0
+    cdef int* failp = &failed
     cdef const floating[:, ::1] wb
     if small:
         wb = _weight_bias(weight, bias)
@@ -579,20 +642,28 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
     cdef int32_t* src
     cdef int32_t o
     if small:
-        xg = <floating*>malloc((n_in + 1) * cin * sizeof(floating))
+        xg = <floating*>scn_malloc((n_in + 1) * cin * sizeof(floating))
+        if xg == NULL:
+            raise MemoryError(f"conv_maxpool_forward: out of memory ({n_in + 1} x {cin} "
+                              f"values)")
     with nogil, parallel():
         if small:
             for i in prange(n_in + 1, schedule='static'):
                 _xg_row(features, ground, i, xg)
             barrier()
-        ybuf = <floating*>malloc(per * K2 * cout * sizeof(floating))
-        gbuf = <floating*>malloc(per * K2 * max(cin, KC) * sizeof(floating))
-        hbuf = <floating*>malloc(per * K2 * cout * sizeof(floating))
-        lst = <int32_t*>malloc(4 * per * K2 * sizeof(int32_t))
+        ybuf = <floating*>scn_malloc(per * K2 * cout * sizeof(floating))
+        gbuf = <floating*>scn_malloc(per * K2 * max(cin, KC) * sizeof(floating))
+        hbuf = <floating*>scn_malloc(per * K2 * cout * sizeof(floating))
+        lst = <int32_t*>scn_malloc(4 * per * K2 * sizeof(int32_t))
         pos = lst + per * K2
         sel = pos + per * K2
         src = sel + per * K2
+        ok = ybuf != NULL and gbuf != NULL and hbuf != NULL and lst != NULL
+        if not ok:
+            failp[0] = 1
         for ch in prange(nch, schedule='dynamic'):
+            if not ok:
+                continue
             p0 = ch * per
             r2 = min(per, n_out - p0)
             m = 0                       # the convolution rows of these windows, in order
@@ -619,4 +690,15 @@ def conv_maxpool_forward(const floating[:, ::1] features, const floating[:, :, :
         free(hbuf)
         free(lst)
     free(xg)
+    if failed:
+        raise MemoryError(f"conv_maxpool_forward: out of memory ({per * K2} rows of "
+                          f"{max(cin, KC)} values)")
     return out_a, arg_a
+
+
+def _fail_alloc(long nth):
+    """Test hook: the nth scratch allocation from now in this module fails (0: none).
+    Returns how many were still to go before this call (0: the last one set has failed)."""
+    cdef long pending = scn_alloc_pending()
+    scn_fail_alloc(nth)
+    return pending

@@ -6,11 +6,15 @@ Offsets run in order and, within one, an output row occurs once: no races, fixed
 """
 from cython cimport floating
 from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.stdlib cimport calloc, free, malloc
+from libc.stdlib cimport free
 
+from ._alloc cimport scn_alloc_pending, scn_calloc, scn_fail_alloc, scn_malloc
 from ._omp cimport barrier
 from ._rows cimport (
+    leaky_row,
+    max_row,
     pool_row,
     scn_leaky_grad_row_double,
     scn_leaky_grad_row_float,
@@ -21,8 +25,6 @@ from ._rows cimport (
 )
 
 import numpy as np
-
-from ._rulebook import build_window
 
 cdef enum:
     POOL_CHUNK = 256    # outputs per task where a reduction needs per-chunk partials
@@ -53,8 +55,9 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
 
     features : (n_in, C); ground : (C,)                            # IN
     in_idx, out_idx : (P,) int32; offsets : (K + 1,) int64          # IN
-    window : (n_out, K) int32, optional: build_window of this rulebook (built here if None;
-             pass it to reuse a cached one)
+    window : (n_out, K) int32, optional: build_window of this rulebook. With it the kernel
+             goes output by output over the window; without it (a window table far larger
+             than the pairs) offset by offset over the pairs: the same result.
     negative_slope : float in [0, 1), optional: apply the (leaky) ReLU max(v, slope * v) to
              each output as it is written (the pool followed by its activation, fused)
     Returns out (n_out, C) and argmax (n_out, C) int32: the input row that won, -1 for the
@@ -72,15 +75,42 @@ def maxpool_forward(const floating[:, ::1] features, const floating[::1] ground,
     cdef int32_t[:, ::1] arg = arg_a
     if n_out == 0:
         return out_a, arg_a
-    if window is None:
-        window = build_window(in_idx, out_idx, offsets, n_out)
-    cdef const int32_t[:, ::1] win = window
     cdef bint act = negative_slope is not None
     cdef floating a = negative_slope if act else 0
-    with nogil:
+    cdef const int32_t[:, ::1] win
+    if window is not None:
+        win = window
+        with nogil:
+            for o in prange(n_out, schedule='static'):
+                pool_row(&win[o, 0], K, &features[0, 0], C, NULL, &ground[0], &out[o, 0],
+                         &arg[o, 0], act, a)
+        return out_a, arg_a
+    # from the pairs: the same candidates in the same order as pool_row (the ground if the
+    # window has a gap, then offsets ascending; within an offset an output occurs once)
+    count_a = np.empty(n_out, dtype=np.int32)
+    cdef int32_t[::1] count = count_a
+    _count_active(out_idx, &count[0], n_out)
+    cdef Py_ssize_t c, q, q0, q1
+    cdef int k
+    cdef int32_t i
+    with nogil, parallel():
         for o in prange(n_out, schedule='static'):
-            pool_row(&win[o, 0], K, &features[0, 0], C, NULL, &ground[0], &out[o, 0],
-                     &arg[o, 0], act, a)
+            for c in range(C):
+                out[o, c] = ground[c] if count[o] < K else -INFINITY
+                arg[o, c] = -1
+        barrier()
+        for k in range(K):
+            q0 = offsets[k]
+            q1 = offsets[k + 1]
+            if q0 == q1:        # the same for every thread: no barrier is skipped by one only
+                continue
+            for q in prange(q0, q1, schedule='static'):
+                i = in_idx[q]
+                max_row(&features[i, 0], &out[out_idx[q], 0], &arg[out_idx[q], 0], i, C)
+            barrier()
+        if act:
+            for o in prange(n_out, schedule='static'):
+                leaky_row(&out[o, 0], a, C)
     return out_a, arg_a
 
 
@@ -109,14 +139,17 @@ cdef void _leaky_grad_rows(const floating[:, ::1] gy, const floating[:, ::1] y, 
         _leaky_grad_row(&gy[o, 0], &y[o, 0], a, &gd[o, 0], gy.shape[1])
 
 
-cdef bint _inputs_repeat(const int32_t[::1] in_idx, Py_ssize_t n_in) noexcept nogil:
-    """Whether some input row sits in two windows (overlapping windows, s < f)."""
-    cdef uint8_t* seen = <uint8_t*>calloc(max(n_in, 1), 1)
+cdef int _inputs_repeat(const int32_t[::1] in_idx, Py_ssize_t n_in) noexcept nogil:
+    """Whether some input row sits in two windows (overlapping windows, s < f); -1 if out
+    of memory."""
+    cdef uint8_t* seen = <uint8_t*>scn_calloc(n_in, 1)
     cdef Py_ssize_t q
-    cdef bint rep = False
+    cdef int rep = 0
+    if seen == NULL:
+        return -1
     for q in range(in_idx.shape[0]):
         if seen[in_idx[q]]:
-            rep = True
+            rep = 1
             break
         seen[in_idx[q]] = 1
     free(seen)
@@ -156,6 +189,8 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
     cdef const floating* gr
     cdef bint gap, act = negative_slope is not None
     cdef floating slope = negative_slope if act else 0
+    cdef int repeat, failed = 0
+    cdef int* failp = &failed
     if act:
         y = output
         if window is None or in_idx.shape[0] != n_in:    # activation first, then route
@@ -167,8 +202,12 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
     if window is not None and in_idx.shape[0] == n_in and n_out:
         win = window
         with nogil, parallel():
-            gd = <floating*>malloc(C * sizeof(floating))
+            gd = <floating*>scn_malloc(C * sizeof(floating))
+            if gd == NULL:
+                failp[0] = 1
             for ch in prange(nch, schedule='static'):
+                if gd == NULL:
+                    continue
                 for o in range(ch * POOL_CHUNK, min(ch * POOL_CHUNK + POOL_CHUNK, n_out)):
                     gr = &grad_out[o, 0]
                     if act:
@@ -186,6 +225,8 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
                             if argmax[o, c] < 0:
                                 part[ch, c] += gr[c]
             free(gd)
+        if failed:
+            raise MemoryError(f"maxpool_backward: out of memory ({C} channels per thread)")
         return gx_a, part_a.sum(axis=0)   # chunk partials in a fixed order
     with nogil:
         for q in prange(n_in, schedule='static'):   # zero (and first-touch) in parallel
@@ -194,7 +235,11 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
     if n_out == 0:
         return gx_a, part_a.sum(axis=0)
     with nogil:
-        if not _inputs_repeat(in_idx, n_in):
+        repeat = _inputs_repeat(in_idx, n_in)
+    if repeat < 0:
+        raise MemoryError(f"maxpool_backward: out of memory ({n_in} bytes)")
+    with nogil:
+        if not repeat:
             for ch in prange(nch, schedule='static'):
                 for o in range(ch * POOL_CHUNK, min(ch * POOL_CHUNK + POOL_CHUNK, n_out)):
                     for c in range(C):
@@ -213,6 +258,8 @@ def maxpool_backward(const floating[:, ::1] grad_out, const int32_t[:, ::1] argm
                 for k in range(K):
                     q0 = offsets[k]
                     q1 = offsets[k + 1]
+                    if q0 == q1:    # the same for every thread
+                        continue
                     for q in prange(q0, q1, schedule='static'):
                         i = in_idx[q]
                         o = out_idx[q]
@@ -244,6 +291,8 @@ def avgpool_forward(const floating[:, ::1] features, const floating[::1] ground,
             for k in range(K):
                 q0 = offsets[k]
                 q1 = offsets[k + 1]
+                if q0 == q1:        # the same for every thread
+                    continue
                 for q in prange(q0, q1, schedule='static'):
                     i = in_idx[q]
                     o = out_idx[q]
@@ -274,6 +323,8 @@ def avgpool_backward(const floating[:, ::1] grad_out, const int32_t[::1] in_idx,
             for k in range(K):
                 q0 = offsets[k]
                 q1 = offsets[k + 1]
+                if q0 == q1:        # the same for every thread
+                    continue
                 for q in prange(q0, q1, schedule='static'):
                     i = in_idx[q]
                     o = out_idx[q]
@@ -286,3 +337,11 @@ def avgpool_backward(const floating[:, ::1] grad_out, const int32_t[::1] in_idx,
     missing = (K - count_a[:n_out]).astype(dtype) / K
     gg = (missing @ np.asarray(grad_out)).astype(dtype, copy=False)
     return gx_a, gg
+
+
+def _fail_alloc(long nth):
+    """Test hook: the nth scratch allocation from now in this module fails (0: none).
+    Returns how many were still to go before this call (0: the last one set has failed)."""
+    cdef long pending = scn_alloc_pending()
+    scn_fail_alloc(nth)
+    return pending
