@@ -16,6 +16,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .autograd import Parameter
+from .geometry import MAX_WINDOW
 from .tensor import SparseTensor, Tensor
 
 LAYERS: dict[str, type[Module]] = {}
@@ -27,6 +28,7 @@ def _register(cls):
 
 
 _INT_MAX = 2**31 - 1
+_MAX_WEIGHTS = 2**31     # elements of one layer's weight
 
 
 def _check_int(value: Any, name: str, minimum: int = 1, maximum: int = _INT_MAX) -> int:
@@ -39,6 +41,14 @@ def _check_int(value: Any, name: str, minimum: int = 1, maximum: int = _INT_MAX)
         limit = "2**31 - 1" if maximum == _INT_MAX else str(maximum)
         raise ValueError(f"{name} must be <= {limit}, got {value}")
     return int(value)
+
+
+def _check_weight_size(shape: tuple[int, ...], names: str) -> None:
+    """Refuse a weight of more than 2**31 numbers before allocating it."""
+    n = math.prod(shape)
+    if n > _MAX_WEIGHTS:
+        raise ValueError(f"the weight {names} = {shape} would hold {n} numbers, more than the "
+                         f"limit 2**31")
 
 
 def _check_dtype(dtype: Any) -> np.dtype:
@@ -247,6 +257,12 @@ class _ConvBase(Module):
         self.dim = _check_dim_arg(dim)
         dtype = _check_dtype(dtype)
         K = self.filter_size ** self.dim
+        # refused before the weight (K, C_in, C_out) is allocated
+        if K > MAX_WINDOW:
+            raise ValueError(f"filter_size**dim = {self.filter_size}**{self.dim} = {K} exceeds "
+                             f"the limit 2**24 on the window volume")
+        _check_weight_size((K, self.in_channels, self.out_channels),
+                           "(filter_size**dim, in_channels, out_channels)")
         rng = np.random.default_rng(seed)
         self.weight = Parameter(he_normal(rng, (K, self.in_channels, self.out_channels),
                                           K * self.in_channels, dtype=dtype))
@@ -366,6 +382,7 @@ class NetworkInNetwork(Module):
                  dtype: Any = np.float32, seed: int | None = None) -> None:
         self.in_channels = _check_int(in_channels, "in_channels")
         self.out_channels = _check_int(out_channels, "out_channels")
+        _check_weight_size((self.in_channels, self.out_channels), "(in_channels, out_channels)")
         rng = np.random.default_rng(seed)
         dtype = _check_dtype(dtype)
         self.weight = Parameter(he_normal(rng, (self.in_channels, self.out_channels),
@@ -496,6 +513,7 @@ class Linear(Module):
                  dtype: Any = np.float32, seed: int | None = None) -> None:
         self.in_features = _check_int(in_features, "in_features")
         self.out_features = _check_int(out_features, "out_features")
+        _check_weight_size((self.in_features, self.out_features), "(in_features, out_features)")
         rng = np.random.default_rng(seed)
         dtype = _check_dtype(dtype)
         std = 1.0 / math.sqrt(self.in_features)

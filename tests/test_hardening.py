@@ -521,3 +521,22 @@ def test_channelwise_dropout_draws_per_sample_present():
     y = F.dropout(x, 0.5, np.random.default_rng(7), channelwise=True)
     rows = np.random.default_rng(7).random((3, 5)) < 0.5
     np.testing.assert_array_equal(y.features != 0, rows[x.coords[:, 0]] & (x.features != 0))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: scn.Convolution(2, 3, 2**20), r"filter_size\*\*dim = 1048576\*\*2 = \d+ exceeds"),
+    (lambda: scn.SubmanifoldConvolution(1, 1, 4097, dim=2), r"filter_size\*\*dim = 4097\*\*2"),
+    (lambda: scn.Convolution(2**16, 2**16, 3), r"would hold 38654705664 numbers"),
+    (lambda: scn.NetworkInNetwork(2**20, 2**20), r"\(in_channels, out_channels\) = "
+                                                  r"\(1048576, 1048576\) would hold"),
+    (lambda: scn.Linear(2**31 - 1, 2), r"\(in_features, out_features\)"),
+], ids=["window", "submanifold-window", "weight", "nin", "linear"])
+def test_layers_refuse_huge_weights_before_allocating(make, match):
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=match):
+            make()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
