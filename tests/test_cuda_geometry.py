@@ -366,3 +366,15 @@ def test_mutated_kernel_is_caught(tmp_path, monkeypatch, which):
     with pytest.raises(AssertionError):
         check_conv("sim", monkeypatch, coords, (9, 9), 3, 2)
         check_hash("sim", monkeypatch, coords, (9, 9))
+
+
+def test_coordinates_near_int32_max(kind, monkeypatch):
+    """d = 1 on a grid of 2**31 - 1: window bounds and neighbours computed without overflow."""
+    top = 2**31 - 2
+    coords = np.array([[0, 0], [0, 1], [0, top - 1], [0, top], [1, top - 3], [1, top]],
+                      dtype=np.int32)
+    spatial = (2**31 - 1,)
+    check_conv(kind, monkeypatch, coords, spatial, 3, 1)
+    check_conv(kind, monkeypatch, coords, spatial, 1, 2)
+    for f in (1, 3, 5):
+        check_submanifold(kind, monkeypatch, coords, spatial, f)

@@ -117,7 +117,7 @@ __device__ __forceinline__ bool scnn_rb_candidate(const int* row, int d,
     for (int j = 0; j < d; ++j) {
         const int x = row[1 + j];
         const long long out_n = (shape[j] - f) / s + 1;
-        const long long lo = x - f + 1 <= 0 ? 0 : (long long)(x - f + s) / s;
+        const long long lo = x - f + 1 <= 0 ? 0 : ((long long)x - f + s) / s;
         long long hi = x / s;
         if (hi > out_n - 1) hi = out_n - 1;
         const long long oj = lo + digit[j];
@@ -226,18 +226,18 @@ extern "C" __global__ void scnn_rb_sub_lookup(const int* __restrict__ coords, in
     int kk = (int)(t - i * K);
     const int* row = coords + i * (d + 1);
     const int half = f / 2;
-    int site[SCNN_RB_MAX_DIM + 1];
-    site[0] = row[0];
+    long long site[SCNN_RB_MAX_DIM];   // 64-bit: x + offset near INT_MAX stays exact
     bool outside = false;
     for (int j = d - 1; j >= 0; --j) {
-        const int c = row[1 + j] + kk % f - half;
+        const long long c = (long long)row[1 + j] + kk % f - half;
         kk /= f;
         if (c < 0 || c >= spatial_shape[j]) outside = true;
-        site[1 + j] = c;
+        site[j] = c;
     }
     int found = -1;
     if (!outside) {
-        const long long key = scnn_rb_pack(site, spatial_shape, d);
+        long long key = row[0];
+        for (int j = 0; j < d; ++j) key = key * spatial_shape[j] + site[j];
         const long long mask = capacity - 1;
         long long h = scnn_rb_slot(key, shift);
         for (long long probe = 0; probe < capacity; ++probe) {
