@@ -196,6 +196,18 @@ def test_conv_wide_channels_several_tiles(monkeypatch):
     assert bits_equal(gx, host(G.conv_backward_simple(dx, dW, dg, dgy, drb)[0]))
 
 
+def test_weight_gradient_split_into_several_partials(monkeypatch):
+    """Enough pairs per offset for several fixed chunks (S > 1) and their ordered sum."""
+    rb, drb, _ = case((2, 20, "sub", 3, 1), 1.0, seed=2)
+    K = rb.kernel_volume
+    assert rb.n_pairs > 2 * K * G.WGRAD_CHUNK      # S >= 3
+    x, W, _, g, gy = conv_data(rb, 2, 3, np.float64, seed=8)
+    none, gw = runs(monkeypatch, lambda: G.conv_backward(to_sim(x), to_sim(W), to_sim(g),
+                                                         to_sim(gy), drb, grad_input=False))
+    assert none is None
+    close(gw, C.conv_backward(x, W, g, gy, rb.in_idx, rb.out_idx, rb.offsets)[1], np.float64)
+
+
 def test_conv_zero_ground_mode_row_is_the_bias(monkeypatch):
     """row = bias, g_in = 0 (zero-ground mode): outputs start from the bias."""
     rb, drb, _ = case((2, 6, "conv", 2, 2), 0.35, seed=1)
@@ -247,6 +259,28 @@ def test_conv_maxpool_forward_matches_cpu(geom, p, density, dtype, slope, monkey
     mid_feats = G.conv_forward(*args, drb)
     uout, uarg = G.maxpool_forward(mid_feats, to_sim(pg), dprb, negative_slope=slope)
     assert bits_equal(out, host(uout)) and np.array_equal(arg, host(uarg))
+
+
+@pytest.mark.parametrize("slope", [None, 0.5])
+def test_conv_maxpool_ties_integer_valued(slope, monkeypatch):
+    """Integer data: every sum is exact in both backends, and ties are frequent (between
+    candidates and with the ground): the earlier candidate wins, the ground first."""
+    rb, drb, mid = case((2, 10, "conv", 3, 1), 0.3, seed=6)
+    prb, _ = mid.conv(2, 2, "MaxPooling")
+    rng = np.random.default_rng(1)
+    x = rng.integers(-1, 2, (rb.n_in, 2)).astype(np.float32)
+    W = rng.integers(-1, 2, (rb.kernel_volume, 2, 5)).astype(np.float32)
+    row = rng.integers(-1, 2, 5).astype(np.float32)
+    g = rng.integers(-1, 2, 2).astype(np.float32)
+    pg = rng.integers(-1, 2, 5).astype(np.float32)
+    args = [to_sim(v) for v in (x, W, row, g)]
+    out, arg = runs(monkeypatch, lambda: G.conv_maxpool_forward(*args, drb, dev_rb(prb),
+                                                                to_sim(pg), slope))
+    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb.window, prb.window, pg,
+                                        negative_slope=slope)
+    assert bits_equal(out, rout) and np.array_equal(arg, rarg)
+    sout, sarg = G.conv_maxpool_forward_simple(*args, drb, dev_rb(prb), to_sim(pg), slope)
+    assert bits_equal(out, host(sout)) and np.array_equal(arg, host(sarg))
 
 
 def test_conv_maxpool_ground_minus_inf(monkeypatch):
