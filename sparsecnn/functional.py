@@ -18,12 +18,6 @@ from . import backend
 from .autograd import Parameter, is_grad_enabled, record
 from .tensor import SparseTensor, Tensor
 
-SMALL_CIN = 4   # below this many input channels the weight gradient goes output by output
-# conv_backward goes by chunks of inputs, all offsets side by side, when at least this share
-# of (input, offset) slots have a pair (stride-1 convolutions: nearly all); the empty slots
-# are multiplied as zeros, so below it the per-offset path is faster
-INPUT_SIDE_FILL = 0.9
-
 __all__ = [
     "convolution", "submanifold_convolution", "max_pooling", "average_pooling",
     "network_in_network", "leaky_relu", "relu", "dropout", "batch_norm", "to_dense",
@@ -103,11 +97,7 @@ def _conv_grads(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, 
     W = weight.data
     gy, gg = grad
     need_x = x.requires_grad
-    few = W.shape[1] < SMALL_CIN      # the weight gradient goes output by output
-    by_inputs = not few and rb.input_fill >= INPUT_SIDE_FILL
-    gx, gW = K.conv_backward(x.features, W, g_in, gy, rb.in_idx, rb.out_idx, rb.offsets,
-                             grad_input=need_x, window=rb.window if few else None,
-                             input_window=rb.input_window if by_inputs else None)
+    gx, gW = K.conv_backward(x.features, W, g_in, gy, rb, grad_input=need_x)
     G = gg + colsum(gy) if ground_state else colsum(gy)   # d/d g_out, or d/d b
     if ground_state:
         gW = gW + g_in[None, :, None] * G[None, None, :]
@@ -122,9 +112,7 @@ def _conv(x: SparseTensor, weight: Parameter, bias: Parameter | None, rb, out_ge
           ground_state: bool, name: str) -> SparseTensor:
     K = backend.kernels(x.device)
     g_in, W_sum, g_out, row = _conv_ground(x, weight, bias, ground_state)
-    # forward goes output by output over the window (cached on the rulebook)
-    feats = K.conv_forward(x.features, weight.data, row, g_in, rb.in_idx, rb.out_idx,
-                           rb.offsets, rb.n_out, window=rb.window)
+    feats = K.conv_forward(x.features, weight.data, row, g_in, rb)
     out = SparseTensor._make(out_geom, feats, g_out)
     if not is_grad_enabled():
         return out
@@ -168,7 +156,7 @@ def convolution(x: SparseTensor, weight: Parameter, bias: Parameter | None, filt
     filter_size = _check_size(filter_size, "filter_size", what)
     stride = _check_size(stride, "stride", what)
     _check_conv(x, weight, bias, filter_size, what)
-    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
+    rb, out_geom = x.geometry.conv(filter_size, stride, "Convolution")
     return _conv(x, weight, bias, rb, out_geom, ground_state, "convolution")
 
 
@@ -208,11 +196,10 @@ def max_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, *,
     s = pool_size if stride is None else _check_size(stride, "stride", what)
     _check_sparse(x, what)
     a = _check_slope(negative_slope, what)
-    rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling", window=True)
+    rb, out_geom = x.geometry.conv(pool_size, s, "MaxPooling")
     K = backend.kernels(x.device)
     g, g_out = _pool_grounds(x.ground, ground_state, a)
-    feats, argmax = K.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets,
-                                      rb.n_out, window=rb.window, negative_slope=a)
+    feats, argmax = K.maxpool_forward(x.features, g, rb, negative_slope=a)
     out = SparseTensor._make(out_geom, feats, g_out)
 
     def backward(grad):
@@ -246,10 +233,7 @@ def _maxpool_grads(rb, ground, feats, argmax, ground_state: bool, a: float | Non
     K = backend.kernels(backend.device_of(feats))
     xp = backend.xp(backend.device_of(feats))
     gy, gg = grad
-    # windows that partition the inputs let backward write each input row once
-    partition = rb.window if rb.filter_size == rb.stride else None
-    gx, g_ground = K.maxpool_backward(gy, argmax, rb.in_idx, rb.out_idx, rb.offsets,
-                                      rb.n_in, window=partition, negative_slope=a,
+    gx, g_ground = K.maxpool_backward(gy, argmax, rb, negative_slope=a,
                                       output=feats if a is not None else None)
     if not ground_state:
         return gx, xp.zeros_like(ground)
@@ -280,16 +264,16 @@ def convolution_max_pooling(x: SparseTensor, weight: Parameter, bias: Parameter 
     pool_size = _check_size(pool_size, "pool_size", "MaxPooling")
     _check_conv(x, weight, bias, filter_size, what)
     a = _check_slope(negative_slope, "MaxPooling")
-    rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution", window=True)
-    prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling", window=True)
-    if rb.window is None or prb.window is None:     # tables far larger than the pairs
+    rb, mid_geom = x.geometry.conv(filter_size, stride, "Convolution")
+    prb, out_geom = mid_geom.conv(pool_size, pool_size, "MaxPooling")
+    K = backend.kernels(x.device)
+    if "conv_maxpool_forward" not in K.CAPABILITIES:    # this backend has the unfused pair
         return max_pooling(_conv(x, weight, bias, rb, mid_geom, ground_state, "convolution"),
                            pool_size, ground_state=pool_ground_state, negative_slope=a)
-    K = backend.kernels(x.device)
     g_in, W_sum, g_mid, row = _conv_ground(x, weight, bias, ground_state)
     g, g_out = _pool_grounds(g_mid, pool_ground_state, a)
-    feats, argmax = K.conv_maxpool_forward(x.features, weight.data, row, g_in, rb.window,
-                                           prb.window, g, negative_slope=a)
+    feats, argmax = K.conv_maxpool_forward(x.features, weight.data, row, g_in, rb, prb, g,
+                                           negative_slope=a)
     out = SparseTensor._make(out_geom, feats, g_out)
     if not is_grad_enabled():
         return out
@@ -311,12 +295,12 @@ def average_pooling(x: SparseTensor, pool_size: int, stride: int | None = None, 
     rb, out_geom = x.geometry.conv(pool_size, s, "AveragePooling")
     K = backend.kernels(x.device)
     g = x.ground if ground_state else x.ground * 0
-    feats = K.avgpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out)
+    feats = K.avgpool_forward(x.features, g, rb)
     out = SparseTensor._make(out_geom, feats, g)
 
     def backward(grad):
         gy, gg = grad
-        gx, g_ground = K.avgpool_backward(gy, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in)
+        gx, g_ground = K.avgpool_backward(gy, rb)
         return ((gx, g_ground + gg if ground_state else g * 0),)
 
     return record(out, [x], backward, "average_pooling")

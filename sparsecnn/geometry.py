@@ -23,18 +23,6 @@ INT32_MAX = 2**31 - 1
 MAX_WINDOW = 2**24
 # (input, output) pairs of one rulebook: in_idx / out_idx and the output rows are int32
 MAX_PAIRS = 2**31 - 1
-# The per-output window table (n_out, K) is built only while it is not far larger than the
-# pairs: n_out * K <= max(WINDOW_SLACK * n_pairs, WINDOW_FLOOR). Otherwise the kernels work
-# from the pair lists. The CPU rulebook kernel applies the same rule (_rulebook.window_fits).
-WINDOW_SLACK = 16
-WINDOW_FLOOR = 2**20
-
-
-def window_fits(n_rows: int, K: int, n_pairs: int) -> bool:
-    """Whether a (n_rows, K) window table is worth keeping for a rulebook of n_pairs pairs."""
-    return int(n_rows) * int(K) <= max(WINDOW_SLACK * int(n_pairs), WINDOW_FLOOR)
-
-
 @dataclass(frozen=True)
 class Rulebook:
     """Pairs (in_idx[p], out_idx[p]) for offsets[k] <= p < offsets[k + 1], k < K = f**d."""
@@ -46,9 +34,7 @@ class Rulebook:
     n_out: int
     filter_size: int
     stride: int
-    _window: Any = field(default=None, compare=False, repr=False)
-    _input_window: Any = field(default=None, compare=False, repr=False)
-    #: what a backend derives from the pairs and keeps with them (window tables, plans)
+    #: what the backend derived from the pairs and keeps with them (window tables, plans)
     cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -58,41 +44,6 @@ class Rulebook:
     @property
     def kernel_volume(self) -> int:
         return int(self.offsets.shape[0]) - 1
-
-    @property
-    def window(self) -> Any:
-        """The pairs grouped by output: (n_out, K) int32, window[o, k] = input row or -1;
-        None when that table would be far larger than the pairs (``window_fits``: a large
-        window over few sites), and the kernels work from the pair lists instead.
-
-        Usually filled by the rulebook kernel (Geometry.conv(..., window=True), as pooling
-        and convolutions ask); otherwise built on first use. Kept, so forward and backward
-        of every layer on this rulebook share it."""
-        if self._window is None:
-            if not window_fits(self.n_out, self.kernel_volume, self.n_pairs):
-                return None
-            K = backend.kernels(backend.device_of(self.in_idx))
-            object.__setattr__(self, "_window", K.build_window(self.in_idx, self.out_idx,
-                                                               self.offsets, self.n_out))
-        return self._window
-
-    @property
-    def input_window(self) -> Any:
-        """The pairs grouped by input: (n_in, K) int32, [i, k] = output row or -1 (an input
-        has at most one pair per offset); None when far larger than the pairs (as window).
-        Built on first use (convolution backward) and kept."""
-        if self._input_window is None:
-            if not window_fits(self.n_in, self.kernel_volume, self.n_pairs):
-                return None
-            K = backend.kernels(backend.device_of(self.in_idx))
-            object.__setattr__(self, "_input_window", K.build_window(
-                self.out_idx, self.in_idx, self.offsets, self.n_in))
-        return self._input_window
-
-    @property
-    def input_fill(self) -> float:
-        """Pairs per (input, offset): 1.0 when every input is in all K of its windows."""
-        return self.n_pairs / max(self.n_in * self.kernel_volume, 1)
 
 
 def check_packable(spatial_shape: tuple[int, ...], batch_size: int) -> None:
@@ -203,23 +154,17 @@ class Geometry:
             self._table = (keys, vals)
         return self._table
 
-    def conv(self, f: int, s: int, what: str = "Convolution",
-             window: bool = False) -> tuple[Rulebook, Geometry]:
-        """Rulebook and output geometry of a valid (f, s) window; cached.
-
-        ``window=True``: the caller will want ``Rulebook.window``; if the rulebook is built
-        now, its window is filled in the same kernel call (cheaper than building it later).
-        """
+    def conv(self, f: int, s: int, what: str = "Convolution") -> tuple[Rulebook, Geometry]:
+        """Rulebook and output geometry of a valid (f, s) window; cached."""
         key = ("conv", f, s)
         hit = self._cache.get(key)
         if hit is None:
             check_window(self.spatial_shape, self.n_active, f, s, what)
             out_shape = conv_output_shape(self.spatial_shape, f, s, what)
-            oc, in_idx, out_idx, offsets, *win = self.kernels.build_conv_rulebook(
-                self.coords, self.shape_array(), int(f), int(s), window=window)
+            oc, in_idx, out_idx, offsets, cache = self.kernels.build_conv_rulebook(
+                self.coords, self.shape_array(), int(f), int(s))
             out = Geometry(oc, out_shape, self.batch_size, self.device)
-            rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s,
-                          win[0] if window else None)
+            rb = Rulebook(in_idx, out_idx, offsets, self.n_active, out.n_active, f, s, cache)
             hit = self._cache[key] = (rb, out)
         return hit
 
@@ -230,10 +175,10 @@ class Geometry:
         if rb is None:
             check_window(self.spatial_shape, 0, f, 1, "SubmanifoldConvolution")
             keys, vals = self.table
-            in_idx, out_idx, offsets = self.kernels.build_submanifold_rulebook(
+            in_idx, out_idx, offsets, cache = self.kernels.build_submanifold_rulebook(
                 self.coords, self.shape_array(), keys, vals, int(f))
             rb = self._cache[key] = Rulebook(in_idx, out_idx, offsets, self.n_active,
-                                             self.n_active, f, 1)
+                                             self.n_active, f, 1, cache)
         return rb
 
     def to(self, device: str) -> Geometry:

@@ -160,14 +160,13 @@ def test_conv_forward_backward_match_cpu(geom, density, cin, cout, dtype, monkey
     rb, drb, _ = case(geom, density, seed=cin)
     x, W, row, g, gy = conv_data(rb, cin, cout, dtype, seed=7)
     dx, dW, drow, dg, dgy = (to_sim(v) for v in (x, W, row, g, gy))
-    ref = C.conv_forward(x, W, row, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
-                         window=rb.window)
+    ref = C.conv_forward(x, W, row, g, rb)
     out = runs(monkeypatch, lambda: G.conv_forward(dx, dW, drow, dg, drb))
     close(out, ref, dtype)
     simple = runs(monkeypatch, lambda: G.conv_forward_simple(dx, dW, drow, dg, drb))
     assert bits_equal(out, simple), "tiled and simple forward differ"
 
-    rgx, rgw = C.conv_backward(x, W, g, gy, rb.in_idx, rb.out_idx, rb.offsets)
+    rgx, rgw = C.conv_backward(x, W, g, gy, rb)
     gx, gw = runs(monkeypatch, lambda: G.conv_backward(dx, dW, dg, dgy, drb))
     close(gx, rgx, dtype)
     close(gw, rgw, dtype)
@@ -186,11 +185,11 @@ def test_conv_wide_channels_several_tiles(monkeypatch):
     x, W, row, g, gy = conv_data(rb, 37, 70, np.float32, seed=11)
     dx, dW, drow, dg, dgy = (to_sim(v) for v in (x, W, row, g, gy))
     out = runs(monkeypatch, lambda: G.conv_forward(dx, dW, drow, dg, drb))
-    close(out, C.conv_forward(x, W, row, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out),
+    close(out, C.conv_forward(x, W, row, g, rb),
           np.float32)
     assert bits_equal(out, host(G.conv_forward_simple(dx, dW, drow, dg, drb)))
     gx, gw = runs(monkeypatch, lambda: G.conv_backward(dx, dW, dg, dgy, drb))
-    rgx, rgw = C.conv_backward(x, W, g, gy, rb.in_idx, rb.out_idx, rb.offsets)
+    rgx, rgw = C.conv_backward(x, W, g, gy, rb)
     close(gx, rgx, np.float32)
     close(gw, rgw, np.float32)
     assert bits_equal(gx, host(G.conv_backward_simple(dx, dW, dg, dgy, drb)[0]))
@@ -205,7 +204,7 @@ def test_weight_gradient_split_into_several_partials(monkeypatch):
     none, gw = runs(monkeypatch, lambda: G.conv_backward(to_sim(x), to_sim(W), to_sim(g),
                                                          to_sim(gy), drb, grad_input=False))
     assert none is None
-    close(gw, C.conv_backward(x, W, g, gy, rb.in_idx, rb.out_idx, rb.offsets)[1], np.float64)
+    close(gw, C.conv_backward(x, W, g, gy, rb)[1], np.float64)
 
 
 def test_conv_zero_ground_mode_row_is_the_bias(monkeypatch):
@@ -215,7 +214,7 @@ def test_conv_zero_ground_mode_row_is_the_bias(monkeypatch):
     g0 = np.zeros(4)
     out = runs(monkeypatch, lambda: G.conv_forward(to_sim(x), to_sim(W), to_sim(b),
                                                    to_sim(g0), drb))
-    win = rb.window
+    win = C.window_of(rb)
     expect = np.tile(b, (rb.n_out, 1))
     for o in range(rb.n_out):
         for k in range(win.shape[1]):
@@ -248,8 +247,7 @@ def test_conv_maxpool_forward_matches_cpu(geom, p, density, dtype, slope, monkey
     args = [to_sim(v) for v in (x, W, row, g)]
     out, arg = runs(monkeypatch, lambda: G.conv_maxpool_forward(*args, drb, dprb, to_sim(pg),
                                                                 negative_slope=slope))
-    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb.window, prb.window, pg,
-                                        negative_slope=slope)
+    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb, prb, pg, negative_slope=slope)
     close(out, rout, dtype)
     assert np.array_equal(arg, rarg)
     sout, sarg = runs(monkeypatch, lambda: G.conv_maxpool_forward_simple(
@@ -274,12 +272,12 @@ def test_conv_maxpool_ties_integer_valued(slope, monkeypatch):
     g = rng.integers(-1, 2, 2).astype(np.float32)
     pg = rng.integers(-1, 2, 5).astype(np.float32)
     args = [to_sim(v) for v in (x, W, row, g)]
-    out, arg = runs(monkeypatch, lambda: G.conv_maxpool_forward(*args, drb, dev_rb(prb),
-                                                                to_sim(pg), slope))
-    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb.window, prb.window, pg,
-                                        negative_slope=slope)
+    out, arg = runs(monkeypatch, lambda: G.conv_maxpool_forward(
+        *args, drb, dev_rb(prb), to_sim(pg), negative_slope=slope))
+    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb, prb, pg, negative_slope=slope)
     assert bits_equal(out, rout) and np.array_equal(arg, rarg)
-    sout, sarg = G.conv_maxpool_forward_simple(*args, drb, dev_rb(prb), to_sim(pg), slope)
+    sout, sarg = G.conv_maxpool_forward_simple(*args, drb, dev_rb(prb), to_sim(pg),
+                                               negative_slope=slope)
     assert bits_equal(out, host(sout)) and np.array_equal(arg, host(sarg))
 
 
@@ -292,7 +290,7 @@ def test_conv_maxpool_ground_minus_inf(monkeypatch):
     out, arg = runs(monkeypatch, lambda: G.conv_maxpool_forward(
         to_sim(x), to_sim(W), to_sim(row), to_sim(g), drb, dev_rb(prb), to_sim(pg)))
     assert (arg >= 0).all() and np.isfinite(out).all()
-    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb.window, prb.window, pg)
+    rout, rarg = C.conv_maxpool_forward(x, W, row, g, rb, prb, pg)
     close(out, rout, np.float32)
     assert np.array_equal(arg, rarg)
 
@@ -322,17 +320,14 @@ def test_maxpool_matches_cpu(geom, density, dtype, ties, slope, monkeypatch):
     gy = randn(rng, (rb.n_out, Cn), dtype)
     out, arg = runs(monkeypatch, lambda: G.maxpool_forward(to_sim(x), to_sim(g), drb,
                                                            negative_slope=slope))
-    rout, rarg = C.maxpool_forward(x, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
-                                   window=rb.window, negative_slope=slope)
+    rout, rarg = C.maxpool_forward(x, g, rb, negative_slope=slope)
     assert bits_equal(out, rout) and np.array_equal(arg, rarg)
     if density == 1.0 and geom[3] == geom[4]:
         assert (arg >= 0).all()       # no gap: the ground is no candidate
     gx, gg = runs(monkeypatch, lambda: G.maxpool_backward(
         to_sim(gy), to_sim(arg), drb, negative_slope=slope,
         output=to_sim(out) if slope is not None else None))
-    partition = rb.window if rb.filter_size == rb.stride else None
-    rgx, rgg = C.maxpool_backward(gy, rarg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
-                                  window=partition, negative_slope=slope,
+    rgx, rgg = C.maxpool_backward(gy, rarg, rb, negative_slope=slope,
                                   output=rout if slope is not None else None)
     close(gx, rgx, dtype)
     close(gg, rgg, dtype)
@@ -358,9 +353,9 @@ def test_avgpool_matches_cpu(geom, density, dtype, monkeypatch):
     x, g, gy = randn(rng, (rb.n_in, Cn), dtype), randn(rng, Cn, dtype), \
         randn(rng, (rb.n_out, Cn), dtype)
     out = runs(monkeypatch, lambda: G.avgpool_forward(to_sim(x), to_sim(g), drb))
-    close(out, C.avgpool_forward(x, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out), dtype)
+    close(out, C.avgpool_forward(x, g, rb), dtype)
     gx, gg = runs(monkeypatch, lambda: G.avgpool_backward(to_sim(gy), drb))
-    rgx, rgg = C.avgpool_backward(gy, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in)
+    rgx, rgg = C.avgpool_backward(gy, rb)
     close(gx, rgx, dtype)
     close(gg, rgg, dtype)
 

@@ -15,6 +15,7 @@ import pytest
 
 import sparsecnn as scn
 from sparsecnn import _cpu
+from sparsecnn._cpu import _rulebook
 from sparsecnn._gpu import _geometry as G
 from sparsecnn._gpu import _launch
 from sparsecnn._gpu._arrays import SimArray, to_sim
@@ -125,11 +126,11 @@ def _conv_id(c):
 
 def check_conv(kind, monkeypatch, coords, spatial, f, s, what=""):
     shape = np.array(spatial, dtype=np.int64)
-    ref = _cpu.build_conv_rulebook(coords, shape, f, s, window=True)
+    ref = _rulebook.build_conv_rulebook(coords, shape, f, s, window=True)
     dc, ds = dev(coords, kind), dev(shape, kind)
     for window in (True, False):
         runs = schedules(kind, monkeypatch,
-                         lambda w=window: G.build_conv_rulebook(dc, ds, f, s, window=w))
+                         lambda w=window: G.conv_rulebook(dc, ds, f, s, window=w))
         for r in runs:
             assert_same(ref if window else ref[:4], r, kind, f"{what} window={window}")
     return ref
@@ -276,14 +277,14 @@ def test_submanifold_rulebook_equals_cpu(kind, monkeypatch, rng, f, spatial, n, 
 def check_submanifold(kind, monkeypatch, coords, spatial, f):
     shape = np.array(spatial, dtype=np.int64)
     ckeys, cvals, _, _ = _cpu.build_hash(coords, shape)
-    ref = _cpu.build_submanifold_rulebook(coords, shape, ckeys, cvals, f)
+    ref = _rulebook.build_submanifold_rulebook(coords, shape, ckeys, cvals, f)
     dc, ds = dev(coords, kind), dev(shape, kind)
     gkeys, gvals, _, _ = G.build_hash(dc, ds)
     for r in schedules(kind, monkeypatch,
-                       lambda: G.build_submanifold_rulebook(dc, ds, gkeys, gvals, f)):
+                       lambda: G.submanifold_rulebook(dc, ds, gkeys, gvals, f)):
         assert_same(ref, r, kind, f"submanifold f={f}")
     # the CPU's own table on the device gives the same
-    r = G.build_submanifold_rulebook(dc, ds, dev(ckeys, kind), dev(cvals, kind), f)
+    r = G.submanifold_rulebook(dc, ds, dev(ckeys, kind), dev(cvals, kind), f)
     assert_same(ref, r, kind, "submanifold, CPU table")
 
 
@@ -310,14 +311,14 @@ def test_host_reads_one_per_call_and_none_when_empty(kind):
     G.host_reads = 0
     keys, vals, _, _ = G.build_hash(dc, ds)
     assert G.host_reads == 1
-    G.build_conv_rulebook(dc, ds, 3, 2, window=True)
+    G.conv_rulebook(dc, ds, 3, 2, window=True)
     assert G.host_reads == 2
-    G.build_submanifold_rulebook(dc, ds, keys, vals, 3)
+    G.submanifold_rulebook(dc, ds, keys, vals, 3)
     assert G.host_reads == 3
     empty = dev(np.empty((0, 3), np.int32), kind)
     G.build_hash(empty, ds)
-    G.build_conv_rulebook(empty, ds, 3, 2)
-    G.build_submanifold_rulebook(empty, ds, keys, vals, 3)
+    G.conv_rulebook(empty, ds, 3, 2)
+    G.submanifold_rulebook(empty, ds, keys, vals, 3)
     assert G.host_reads == 3
 
 
@@ -327,12 +328,12 @@ def test_refusals(kind):
     with pytest.raises(TypeError, match="device"):
         G.build_hash(coords, dev(shape, kind))
     with pytest.raises(TypeError, match="device"):
-        G.build_conv_rulebook(dev(coords, kind), shape, 3, 1)
+        G.conv_rulebook(dev(coords, kind), shape, 3, 1)
     # packed keys that would overflow int64: refused as geometry.check_packable refuses them
     big = dev(np.array([2**31, 2**31], np.int64), kind)
     wide = dev(np.array([[3, 5, 7]], np.int32), kind)
-    for call in (lambda: G.build_hash(wide, big), lambda: G.build_conv_rulebook(wide, big, 2, 2),
-                 lambda: G.build_submanifold_rulebook(wide, big, dev(np.full(16, -1), kind),
+    for call in (lambda: G.build_hash(wide, big), lambda: G.conv_rulebook(wide, big, 2, 2),
+                 lambda: G.submanifold_rulebook(wide, big, dev(np.full(16, -1), kind),
                                                       dev(np.zeros(16, np.int32), kind), 3)):
         with pytest.raises(ValueError, match="too large for the coordinate hash"):
             call()

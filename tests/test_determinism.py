@@ -11,6 +11,7 @@ import pytest
 
 import sparsecnn as scn
 from sparsecnn import _cpu
+from sparsecnn._cpu import _rulebook
 
 
 def _input(rng, batch=6, n=24, density=0.15, channels=1):
@@ -59,12 +60,12 @@ def test_same_input_twice_is_bitwise_identical(arch, activation, rng):
 def test_rulebooks_are_bitwise_identical(rng):
     coords, feats = _input(rng, batch=8, n=48, density=0.3)
     shape = np.array([48, 48], np.int64)
-    a = _cpu.build_conv_rulebook(coords, shape, 3, 1)[:4]
-    b = _cpu.build_conv_rulebook(coords.copy(), shape, 3, 1)[:4]
+    a = _rulebook.build_conv_rulebook(coords, shape, 3, 1)[:4]
+    b = _rulebook.build_conv_rulebook(coords.copy(), shape, 3, 1)[:4]
     _assert_bitwise_equal(list(a), list(b))
     keys, vals, _, _ = _cpu.build_hash(coords, shape)
-    c = _cpu.build_submanifold_rulebook(coords, shape, keys, vals, 3)
-    d = _cpu.build_submanifold_rulebook(coords, shape, keys, vals, 3)
+    c = _rulebook.build_submanifold_rulebook(coords, shape, keys, vals, 3)
+    d = _rulebook.build_submanifold_rulebook(coords, shape, keys, vals, 3)
     _assert_bitwise_equal(list(c), list(d))
 
 

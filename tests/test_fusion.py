@@ -7,6 +7,7 @@ import pytest
 import sparsecnn as scn
 from sparsecnn import _cpu
 from sparsecnn import functional as F
+from sparsecnn._cpu import _conv, _pool
 from tests import dense_reference as ref
 from tests.sparse_helpers import assert_close, dense_of, random_sparse, split_input_grad, tol
 
@@ -110,13 +111,13 @@ def test_maxpool_backward_kernel_paths_agree(dtype, rng):
     x = random_sparse(rng, 3, (10, 10), 7, 0.3, dtype)
     rb, _ = x.geometry.conv(2, 2)
     for a in (None, 0.0, 0.25):
-        y, arg = _cpu.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
+        y, arg = _pool.maxpool_forward(x.features, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
                                       rb.n_out, negative_slope=a)
         gy = rng.standard_normal(y.shape).astype(dtype)
         kw = dict(negative_slope=a, output=y if a is not None else None)
-        with_w = _cpu.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
-                                       window=rb.window, **kw)
-        without = _cpu.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
+        with_w = _pool.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
+                                       window=_cpu.window_of(rb), **kw)
+        without = _pool.maxpool_backward(gy, arg, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
                                         **kw)
         np.testing.assert_array_equal(with_w[0], without[0])
         np.testing.assert_allclose(with_w[1], without[1], **tol(dtype))
@@ -178,18 +179,18 @@ def test_conv_pool_kernel_matches_the_two_kernels(rng):
     """conv_maxpool_forward = maxpool_forward(conv_forward(...)): values and argmax."""
     for cin in (2, 7):
         x = random_sparse(rng, 4, (21, 21), cin, 0.2, np.float32)
-        rb, mid = x.geometry.conv(2, 1, window=True)
-        prb, _ = mid.conv(2, 2, window=True)
+        rb, mid = x.geometry.conv(2, 1)
+        prb, _ = mid.conv(2, 2)
         w = rng.standard_normal((4, cin, 9)).astype(np.float32)
         b = rng.standard_normal(9).astype(np.float32)
         pg = rng.standard_normal(9).astype(np.float32)
-        y = _cpu.conv_forward(x.features, w, b, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
-                              rb.n_out, window=rb.window)
+        y = _conv.conv_forward(x.features, w, b, x.ground, rb.in_idx, rb.out_idx, rb.offsets,
+                              rb.n_out, window=_cpu.window_of(rb))
         for a in (None, 0.1):
-            want = _cpu.maxpool_forward(y, pg, prb.in_idx, prb.out_idx, prb.offsets,
-                                        prb.n_out, window=prb.window, negative_slope=a)
-            got = _cpu.conv_maxpool_forward(x.features, w, b, x.ground, rb.window,
-                                            prb.window, pg, negative_slope=a)
+            want = _pool.maxpool_forward(y, pg, prb.in_idx, prb.out_idx, prb.offsets,
+                                        prb.n_out, window=_cpu.window_of(prb), negative_slope=a)
+            got = _conv.conv_maxpool_forward(x.features, w, b, x.ground, _cpu.window_of(rb),
+                                            _cpu.window_of(prb), pg, negative_slope=a)
             np.testing.assert_allclose(got[0], want[0], **tol(np.float32))
             np.testing.assert_array_equal(got[1], want[1])
 

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 
 import sparsecnn as scn
 from sparsecnn import _cpu
+from sparsecnn import geometry as geometry_mod
+from sparsecnn._cpu import _rulebook
 from sparsecnn.geometry import Geometry, check_packable
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def sub_cases(draw):
 def _check_conv_kernel(coords, spatial, f, s):
     d = len(spatial)
     K = f ** d
-    res = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s)
+    res = _rulebook.build_conv_rulebook(coords, shape_arr(spatial), f, s)
     out_coords, in_idx, out_idx, offsets = res[:4]
     out_shape = tuple((n - f) // s + 1 for n in spatial)
     assert out_coords.dtype == np.int32
@@ -170,7 +172,7 @@ def test_conv_rulebook_matches_brute_force(case):
     coords = random_unique_sites(np.random.default_rng(seed), batch, spatial, mode)
     res = _check_conv_kernel(coords, spatial, f, s)
     # deterministic: the same input gives identical arrays
-    again = _cpu.build_conv_rulebook(coords.copy(), shape_arr(spatial), f, s)
+    again = _rulebook.build_conv_rulebook(coords.copy(), shape_arr(spatial), f, s)
     for a, b in zip(res[:4], again[:4], strict=True):
         np.testing.assert_array_equal(a, b)
         assert a.dtype == b.dtype
@@ -194,7 +196,7 @@ def test_conv_rulebook_cases(d, f, s, spatial, batch, mode, rng):
 
 
 def test_conv_rulebook_empty_has_zero_offsets():
-    out_coords, in_idx, out_idx, offsets = _cpu.build_conv_rulebook(
+    out_coords, in_idx, out_idx, offsets = _rulebook.build_conv_rulebook(
         np.zeros((0, 3), np.int32), shape_arr((5, 5)), 3, 2)[:4]
     assert out_coords.shape == (0, 3)
     assert in_idx.shape == out_idx.shape == (0,)
@@ -205,7 +207,7 @@ def test_conv_rulebook_empty_has_zero_offsets():
 def test_conv_rulebook_outputs_grouped_by_sample(rng):
     """Samples are independent: outputs are ordered by batch index."""
     coords = random_unique_sites(rng, 5, (9, 9), 0.2)
-    out_coords = _cpu.build_conv_rulebook(coords, shape_arr((9, 9)), 3, 2)[0]
+    out_coords = _rulebook.build_conv_rulebook(coords, shape_arr((9, 9)), 3, 2)[0]
     assert np.all(np.diff(out_coords[:, 0]) >= 0)
 
 
@@ -246,8 +248,8 @@ def test_conv_rulebook_2d_path_equals_generic(f, s, rng):
     spatial = (3 * s + f, 2 * s + f + 1)
     coords = random_unique_sites(rng, 3, spatial, 0.4)
     lifted = np.insert(coords, 1, 0, axis=1)
-    a = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s)
-    b = _cpu.build_conv_rulebook(lifted, shape_arr((f,) + spatial), f, s)
+    a = _rulebook.build_conv_rulebook(coords, shape_arr(spatial), f, s)
+    b = _rulebook.build_conv_rulebook(lifted, shape_arr((f,) + spatial), f, s)
     np.testing.assert_array_equal(np.insert(a[0], 1, 0, axis=1), b[0])
     np.testing.assert_array_equal(a[1], b[1])
     np.testing.assert_array_equal(a[2], b[2])
@@ -266,8 +268,8 @@ def test_conv_rulebook_with_window(d, f, s, spatial, batch, mode, rng):
     """window=True adds build_window's table, filled by the rulebook kernel itself, and
     leaves the other four arrays unchanged."""
     coords = random_unique_sites(rng, batch, spatial, mode)
-    plain = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s)
-    res = _cpu.build_conv_rulebook(coords, shape_arr(spatial), f, s, window=True)
+    plain = _rulebook.build_conv_rulebook(coords, shape_arr(spatial), f, s)
+    res = _rulebook.build_conv_rulebook(coords, shape_arr(spatial), f, s, window=True)
     assert len(plain) == 4 and len(res) == 5
     for a, b in zip(plain, res[:4], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -277,16 +279,16 @@ def test_conv_rulebook_with_window(d, f, s, spatial, batch, mode, rng):
 
 
 def test_geometry_conv_window_request(rng):
-    """Geometry.conv(..., window=True) hands the kernel's table to the Rulebook; without it
-    the window is built on first use; both agree."""
+    """The CPU backend's rulebook kernel hands its window table to the Rulebook's cache; a
+    rulebook without one builds the same table on first use."""
     coords = random_unique_sites(rng, 2, (10, 10), 0.3)
     a = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (10, 10)).geometry
-    b = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (10, 10)).geometry
-    rb_a, _ = a.conv(2, 2, window=True)
-    assert rb_a._window is not None
-    rb_b, _ = b.conv(2, 2)
-    assert rb_b._window is None
-    np.testing.assert_array_equal(rb_a.window, rb_b.window)
+    rb_a, _ = a.conv(2, 2)
+    assert rb_a.cache["window"] is not None
+    rb_b = geometry_mod.Rulebook(rb_a.in_idx, rb_a.out_idx, rb_a.offsets, rb_a.n_in,
+                                 rb_a.n_out, 2, 2)
+    assert "window" not in rb_b.cache
+    np.testing.assert_array_equal(_cpu.window_of(rb_a), _cpu.window_of(rb_b))
 
 
 def test_rulebook_input_window_and_fill(rng):
@@ -295,23 +297,23 @@ def test_rulebook_input_window_and_fill(rng):
     coords = random_unique_sites(rng, 2, (9, 9), 0.3)
     g = scn.SparseTensor(coords, np.ones((len(coords), 1), np.float32), (9, 9)).geometry
     rb, _ = g.conv(2, 1)
-    iw = rb.input_window
+    iw = _cpu.input_window_of(rb)
     assert iw.shape == (rb.n_in, 4) and iw.dtype == np.int32
     expected = np.full((rb.n_in, 4), -1, np.int32)
     for k in range(4):
         q = slice(rb.offsets[k], rb.offsets[k + 1])
         expected[rb.in_idx[q], k] = rb.out_idx[q]
     np.testing.assert_array_equal(iw, expected)
-    assert rb.input_window is iw                      # cached
+    assert _cpu.input_window_of(rb) is iw                      # cached
     # stride 1, valid: every input lies in all 4 of its windows, except at the grid's edges
-    assert rb.input_fill == (iw >= 0).mean()
-    assert 0.75 < rb.input_fill <= 1.0
+    assert _cpu._ops.input_fill(rb) == (iw >= 0).mean()
+    assert 0.75 < _cpu._ops.input_fill(rb) <= 1.0
 
 
 def test_conv_rulebook_offset_numbering_by_hand():
     """One site at (1, 2) of a 4x4 grid, f=3, s=1: it is in 4 windows with known offsets."""
     coords = np.array([[0, 1, 2]], np.int32)
-    out_coords, in_idx, out_idx, offsets = _cpu.build_conv_rulebook(
+    out_coords, in_idx, out_idx, offsets = _rulebook.build_conv_rulebook(
         coords, shape_arr((4, 4)), 3, 1)[:4]
     got = rulebook_triples(coords, out_coords, in_idx, out_idx, offsets)
     # window origin o -> relative position (1 - o0, 2 - o1) -> k = 3 * r0 + r1
@@ -327,7 +329,7 @@ def _check_sub_kernel(coords, spatial, f):
     d = len(spatial)
     keys, vals, inverse, n_unique = _cpu.build_hash(coords, shape_arr(spatial))
     assert n_unique == len(coords)
-    res = _cpu.build_submanifold_rulebook(coords, shape_arr(spatial), keys, vals, f)
+    res = _rulebook.build_submanifold_rulebook(coords, shape_arr(spatial), keys, vals, f)
     in_idx, out_idx, offsets = res
     check_rulebook_structure(in_idx, out_idx, offsets, f ** d, len(coords), len(coords))
     assert rulebook_triples(coords, coords, in_idx, out_idx, offsets) == \
@@ -348,7 +350,7 @@ def test_submanifold_rulebook_matches_brute_force(case):
     coords = random_unique_sites(np.random.default_rng(seed), batch, spatial, mode)
     res = _check_sub_kernel(coords, spatial, f)
     keys, vals, _, _ = _cpu.build_hash(coords, shape_arr(spatial))
-    again = _cpu.build_submanifold_rulebook(coords, shape_arr(spatial), keys, vals, f)
+    again = _rulebook.build_submanifold_rulebook(coords, shape_arr(spatial), keys, vals, f)
     for a, b in zip(res, again, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -375,7 +377,7 @@ def test_submanifold_rulebook_does_not_cross_samples():
     coords = np.array([[0, 1, 1], [1, 1, 2], [1, 1, 1]], np.int32)
     _check_sub_kernel(coords, (3, 3), 3)
     keys, vals, _, _ = _cpu.build_hash(coords, shape_arr((3, 3)))
-    in_idx, out_idx, _ = _cpu.build_submanifold_rulebook(coords, shape_arr((3, 3)), keys,
+    in_idx, out_idx, _ = _rulebook.build_submanifold_rulebook(coords, shape_arr((3, 3)), keys,
                                                          vals, 3)
     pairs = set(zip(in_idx.tolist(), out_idx.tolist(), strict=True))
     assert (0, 0) in pairs and (1, 2) in pairs and (2, 1) in pairs

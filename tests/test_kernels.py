@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from sparsecnn import _cpu
+from sparsecnn._cpu import _conv, _pool, _rulebook
 
 # --------------------------------------------------------------------------------------------
 # NumPy references (float64, one offset at a time)
@@ -119,9 +120,9 @@ def geometry_rulebook(rng, kind, d, f, s, N, batch, density):
     shape = np.full(d, N, np.int64)
     if kind == "sub":
         keys, vals, _, _ = _cpu.build_hash(coords, shape)
-        i, o, off = _cpu.build_submanifold_rulebook(coords, shape, keys, vals, f)
+        i, o, off = _rulebook.build_submanifold_rulebook(coords, shape, keys, vals, f)
         return i, o, off, len(coords), len(coords)
-    oc, i, o, off = _cpu.build_conv_rulebook(coords, shape, f, s)[:4]
+    oc, i, o, off = _rulebook.build_conv_rulebook(coords, shape, f, s)[:4]
     return i, o, off, len(coords), len(oc)
 
 
@@ -166,12 +167,12 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
     w = rng.standard_normal((K, cin, cout)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
     g = rng.standard_normal(cin).astype(dtype)
-    y = _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
+    y = _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
     assert y.dtype == dtype and y.shape == (n_out, cout)
     np.testing.assert_allclose(y, ref_conv_forward(x, w, b, g, in_idx, out_idx, offsets,
                                                    n_out), **TOL[dtype])
     gy = rng.standard_normal((n_out, cout)).astype(dtype)
-    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
+    gx, gw = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
     assert gx.dtype == gw.dtype == dtype
     assert gx.shape == (n_in, cin) and gw.shape == (K, cin, cout)
     rgx, rgw = ref_conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
@@ -181,7 +182,7 @@ def test_conv_forward_backward(rb_name, cin, cout, dtype, rng):
     np.testing.assert_allclose(gw, rgw, rtol=TOL[dtype]["rtol"] * scale,
                                atol=TOL[dtype]["atol"] * scale)
     # without the input gradient: no grad_features, the same weight gradient bit for bit
-    none, gw2 = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
+    none, gw2 = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
     assert none is None
     np.testing.assert_array_equal(gw2, gw)
 
@@ -200,14 +201,14 @@ def test_conv_forward_window_path(rb_name, cin, cout, dtype, rng):
     b = rng.standard_normal(cout).astype(dtype)
     g = rng.standard_normal(cin).astype(dtype)
     win = _cpu.build_window(in_idx, out_idx, offsets, n_out)
-    y = _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win)
+    y = _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win)
     assert y.dtype == dtype and y.shape == (n_out, cout)
     np.testing.assert_allclose(y, ref_conv_forward(x, w, b, g, in_idx, out_idx, offsets,
                                                    n_out), **TOL[dtype])
     np.testing.assert_allclose(
-        y, _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out), **TOL[dtype])
+        y, _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out), **TOL[dtype])
     np.testing.assert_array_equal(
-        y, _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win))
+        y, _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out, window=win))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -236,7 +237,7 @@ def _check_input_window_backward(rb, cin, cout, dtype, rng):
     g = rng.standard_normal(cin).astype(dtype)
     gy = rng.standard_normal((n_out, cout)).astype(dtype)
     iwin = _cpu.build_window(out_idx, in_idx, offsets, n_in)
-    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
+    gx, gw = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
     assert gx.dtype == gw.dtype == dtype
     assert gx.shape == (n_in, cin) and gw.shape == (K, cin, cout)
     rgx, rgw = ref_conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
@@ -244,11 +245,11 @@ def _check_input_window_backward(rb, cin, cout, dtype, rng):
     np.testing.assert_allclose(gx, rgx, **TOL[dtype])
     np.testing.assert_allclose(gw, rgw, rtol=TOL[dtype]["rtol"] * scale,
                                atol=TOL[dtype]["atol"] * scale)
-    none, gw2 = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
+    none, gw2 = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
                                    input_window=iwin)
     assert none is None
     np.testing.assert_array_equal(gw2, gw)
-    again = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
+    again = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, input_window=iwin)
     np.testing.assert_array_equal(again[0], gx)
     np.testing.assert_array_equal(again[1], gw)
 
@@ -266,12 +267,12 @@ def test_conv_backward_window_path(rb_name, cin, dtype, rng):
     g = rng.standard_normal(cin).astype(dtype)
     gy = rng.standard_normal((n_out, 5)).astype(dtype)
     win = _cpu.build_window(in_idx, out_idx, offsets, n_out)
-    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
+    gx, gw = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False,
                                 window=win)
     assert gx is None and gw.shape == w.shape and gw.dtype == dtype
     _, gw_ref = ref_conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
     np.testing.assert_allclose(gw, gw_ref, **TOL[dtype])
-    _, gw_plain = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
+    _, gw_plain = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets, grad_input=False)
     np.testing.assert_allclose(gw, gw_plain, **TOL[dtype])
 
 
@@ -285,9 +286,9 @@ def test_conv_empty_rulebook(cin, dtype, rng):
     w = rng.standard_normal((K, cin, cout)).astype(dtype)
     b = rng.standard_normal(cout).astype(dtype)
     g = rng.standard_normal(cin).astype(dtype)
-    y = _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
+    y = _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
     np.testing.assert_array_equal(y, np.tile(b, (n_out, 1)))
-    gx, gw = _cpu.conv_backward(x, w, g, rng.standard_normal((n_out, cout)).astype(dtype),
+    gx, gw = _conv.conv_backward(x, w, g, rng.standard_normal((n_out, cout)).astype(dtype),
                                 in_idx, out_idx, offsets)
     np.testing.assert_array_equal(gx, np.zeros((n_in, cin), dtype))
     np.testing.assert_array_equal(gw, np.zeros((K, cin, cout), dtype))
@@ -301,10 +302,10 @@ def test_conv_zero_outputs(n_in, dtype, rng):
     offsets = np.zeros(K + 1, np.int64)
     x = rng.standard_normal((n_in, cin)).astype(dtype)
     w = rng.standard_normal((K, cin, cout)).astype(dtype)
-    y = _cpu.conv_forward(x, w, np.ones(cout, dtype), np.zeros(cin, dtype), empty, empty,
+    y = _conv.conv_forward(x, w, np.ones(cout, dtype), np.zeros(cin, dtype), empty, empty,
                           offsets, 0)
     assert y.shape == (0, cout) and y.dtype == dtype
-    gx, gw = _cpu.conv_backward(x, w, np.zeros(cin, dtype), np.zeros((0, cout), dtype), empty,
+    gx, gw = _conv.conv_backward(x, w, np.zeros(cin, dtype), np.zeros((0, cout), dtype), empty,
                                 empty, offsets)
     assert gx.shape == (n_in, cin) and not gx.any()
     assert gw.shape == (K, cin, cout) and not gw.any()
@@ -319,12 +320,12 @@ def test_conv_by_hand():
     in_idx = np.array([0, 1], np.int32)
     out_idx = np.array([0, 0], np.int32)
     offsets = np.array([0, 1, 1, 2], np.int64)
-    y = _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, 2)
+    y = _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, 2)
     # out0 = b + (x0 - g) @ w0 + (x1 - g) @ w2; out1 = b
     expected0 = b + np.array([0.5, 2.0]) @ w[0] + np.array([2.5, -1.0]) @ w[2]
     np.testing.assert_allclose(y, [expected0, b])
     gy = np.array([[1.0, -2.0], [5.0, 5.0]])
-    gx, gw = _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
+    gx, gw = _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
     np.testing.assert_allclose(gx, [w[0] @ gy[0], w[2] @ gy[0]])
     np.testing.assert_allclose(gw[1], 0)
     np.testing.assert_allclose(gw[0], np.outer([0.5, 2.0], gy[0]))
@@ -359,9 +360,9 @@ def test_maxpool(rb_name, C, values, dtype, rng):
     else:
         x = rng.standard_normal((n_in, C)).astype(dtype)
         g = rng.standard_normal(C).astype(dtype) * 0.5
-    y, arg = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
+    y, arg = _pool.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
     # a window passed in (as the layers pass their rulebook's cached one) changes nothing
-    y2, arg2 = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out,
+    y2, arg2 = _pool.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out,
                                     window=_cpu.build_window(in_idx, out_idx, offsets, n_out))
     np.testing.assert_array_equal(y2, y)
     np.testing.assert_array_equal(arg2, arg)
@@ -376,7 +377,7 @@ def test_maxpool(rb_name, C, values, dtype, rng):
         assert (arg == -1).any(), "the ground should win somewhere"
     assert not (arg[full] == -1).any(), "a full window has no ground candidate"
     gy = rng.standard_normal((n_out, C)).astype(dtype)
-    gx, gg = _cpu.maxpool_backward(gy, arg, in_idx, out_idx, offsets, n_in)
+    gx, gg = _pool.maxpool_backward(gy, arg, in_idx, out_idx, offsets, n_in)
     assert gx.shape == (n_in, C) and gg.shape == (C,)
     assert gx.dtype == gg.dtype == dtype
     rgx, rgg = ref_maxpool_backward(gy, arg, n_in)
@@ -420,10 +421,10 @@ def test_maxpool_tie_rules_by_hand():
     in_idx = np.array([0, 3, 1, 4, 2], np.int32)
     out_idx = np.array([0, 1, 0, 2, 0], np.int32)
     offsets = np.array([0, 2, 4, 5], np.int64)
-    y, arg = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, 4)
+    y, arg = _pool.maxpool_forward(x, g, in_idx, out_idx, offsets, 4)
     np.testing.assert_array_equal(y[:, 0], [2.0, 0.5, 0.7, 0.5])
     np.testing.assert_array_equal(arg[:, 0], [0, -1, 4, -1])
-    gx, gg = _cpu.maxpool_backward(np.array([[1.0], [2.0], [4.0], [8.0]]), arg, in_idx,
+    gx, gg = _pool.maxpool_backward(np.array([[1.0], [2.0], [4.0], [8.0]]), arg, in_idx,
                                    out_idx, offsets, 5)
     np.testing.assert_array_equal(gx[:, 0], [1.0, 0, 0, 0, 4.0])
     np.testing.assert_array_equal(gg, [10.0])
@@ -435,7 +436,7 @@ def test_maxpool_full_window_of_negatives_ignores_ground():
     in_idx = np.array([0, 1], np.int32)
     out_idx = np.array([0, 0], np.int32)
     offsets = np.array([0, 1, 2], np.int64)
-    y, arg = _cpu.maxpool_forward(x, np.zeros(2), in_idx, out_idx, offsets, 1)
+    y, arg = _pool.maxpool_forward(x, np.zeros(2), in_idx, out_idx, offsets, 1)
     np.testing.assert_array_equal(y, [[-2.0, -1.0]])
     np.testing.assert_array_equal(arg, [[1, 0]])
 
@@ -447,12 +448,12 @@ def test_avgpool(rb_name, C, dtype, rng):
     in_idx, out_idx, offsets, n_in, n_out = POOL_RULEBOOKS[rb_name](rng)
     x = rng.standard_normal((n_in, C)).astype(dtype)
     g = rng.standard_normal(C).astype(dtype)
-    y = _cpu.avgpool_forward(x, g, in_idx, out_idx, offsets, n_out)
+    y = _pool.avgpool_forward(x, g, in_idx, out_idx, offsets, n_out)
     assert y.dtype == dtype and y.shape == (n_out, C)
     np.testing.assert_allclose(y, ref_avgpool_forward(x, g, in_idx, out_idx, offsets, n_out),
                                **TOL[dtype])
     gy = rng.standard_normal((n_out, C)).astype(dtype)
-    gx, gg = _cpu.avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
+    gx, gg = _pool.avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
     assert gx.dtype == gg.dtype == dtype and gx.shape == (n_in, C) and gg.shape == (C,)
     rgx, rgg = ref_avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
     np.testing.assert_allclose(gx, rgx, **TOL[dtype])
@@ -471,16 +472,16 @@ def test_pool_empty_rulebook_gives_ground(dtype, rng):
     offsets = np.zeros(K + 1, np.int64)
     x = rng.standard_normal((n_in, C)).astype(dtype)
     g = rng.standard_normal(C).astype(dtype)
-    y, arg = _cpu.maxpool_forward(x, g, empty, empty, offsets, n_out)
+    y, arg = _pool.maxpool_forward(x, g, empty, empty, offsets, n_out)
     np.testing.assert_array_equal(y, np.tile(g, (n_out, 1)))
     np.testing.assert_array_equal(arg, np.full((n_out, C), -1))
     gy = rng.standard_normal((n_out, C)).astype(dtype)
-    gx, gg = _cpu.maxpool_backward(gy, arg, empty, empty, offsets, n_in)
+    gx, gg = _pool.maxpool_backward(gy, arg, empty, empty, offsets, n_in)
     assert not gx.any()
     np.testing.assert_allclose(gg, gy.sum(0), **TOL[dtype])
-    ya = _cpu.avgpool_forward(x, g, empty, empty, offsets, n_out)
+    ya = _pool.avgpool_forward(x, g, empty, empty, offsets, n_out)
     np.testing.assert_array_equal(ya, np.tile(g, (n_out, 1)))
-    gx, gg = _cpu.avgpool_backward(gy, empty, empty, offsets, n_in)
+    gx, gg = _pool.avgpool_backward(gy, empty, empty, offsets, n_in)
     assert not gx.any()
     np.testing.assert_allclose(gg, gy.sum(0), **TOL[dtype])
 
@@ -493,13 +494,13 @@ def test_pool_zero_outputs(n_in, dtype, rng):
     offsets = np.zeros(K + 1, np.int64)
     x = rng.standard_normal((n_in, C)).astype(dtype)
     g = np.zeros(C, dtype)
-    y, arg = _cpu.maxpool_forward(x, g, empty, empty, offsets, 0)
+    y, arg = _pool.maxpool_forward(x, g, empty, empty, offsets, 0)
     assert y.shape == (0, C) and arg.shape == (0, C)
-    gx, gg = _cpu.maxpool_backward(np.zeros((0, C), dtype), arg, empty, empty, offsets, n_in)
+    gx, gg = _pool.maxpool_backward(np.zeros((0, C), dtype), arg, empty, empty, offsets, n_in)
     assert gx.shape == (n_in, C) and not gx.any() and gg.shape == (C,) and not gg.any()
-    ya = _cpu.avgpool_forward(x, g, empty, empty, offsets, 0)
+    ya = _pool.avgpool_forward(x, g, empty, empty, offsets, 0)
     assert ya.shape == (0, C)
-    gx, gg = _cpu.avgpool_backward(np.zeros((0, C), dtype), empty, empty, offsets, n_in)
+    gx, gg = _pool.avgpool_backward(np.zeros((0, C), dtype), empty, empty, offsets, n_in)
     assert gx.shape == (n_in, C) and not gx.any() and not gg.any()
 
 
@@ -511,12 +512,12 @@ def test_kernels_do_not_modify_inputs(rng):
     gy = rng.standard_normal((n_out, 3))
     arrays = [x, w, b, g, gy, in_idx, out_idx, offsets]
     copies = [a.copy() for a in arrays]
-    _cpu.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
-    _cpu.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
-    _, arg = _cpu.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
-    _cpu.maxpool_backward(gy[:, :1].copy(), arg[:, :1].copy(), in_idx, out_idx, offsets, n_in)
-    _cpu.avgpool_forward(x, g, in_idx, out_idx, offsets, n_out)
-    _cpu.avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
+    _conv.conv_forward(x, w, b, g, in_idx, out_idx, offsets, n_out)
+    _conv.conv_backward(x, w, g, gy, in_idx, out_idx, offsets)
+    _, arg = _pool.maxpool_forward(x, g, in_idx, out_idx, offsets, n_out)
+    _pool.maxpool_backward(gy[:, :1].copy(), arg[:, :1].copy(), in_idx, out_idx, offsets, n_in)
+    _pool.avgpool_forward(x, g, in_idx, out_idx, offsets, n_out)
+    _pool.avgpool_backward(gy, in_idx, out_idx, offsets, n_in)
     for a, c in zip(arrays, copies, strict=True):
         np.testing.assert_array_equal(a, c)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import sparsecnn as scn
-from sparsecnn import _cpu, geometry
+from sparsecnn import _cpu
 from sparsecnn._cpu import _conv, _pool, _rulebook
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,13 +164,22 @@ def test_extremes_right_answer_or_clear_error(layer):
 
 
 # -- the checks before any work -------------------------------------------------------------
-def test_window_rule_agrees_with_the_kernel():
-    assert (geometry.WINDOW_SLACK, geometry.WINDOW_FLOOR) == (_rulebook.WINDOW_SLACK,
-                                                             _rulebook.WINDOW_FLOOR)
-    for rows, K, P in [(1, 2**20, 1), (2, 2**20, 1000), (100, 9, 100), (10**6, 16, 10**6)]:
-        assert geometry.window_fits(rows, K, P) == _rulebook.window_fits(rows, K, P)
-    assert geometry.window_fits(10**6, 16, 10**6)         # K <= 16: always
-    assert not geometry.window_fits(2, 2**20, 1000)
+def test_window_rule_agrees_with_the_kernel(rng):
+    """The rulebook kernel fills the window table exactly when window_of would build one."""
+    from sparsecnn._cpu import _ops
+    assert _rulebook.window_fits(10**6, 16, 10**6)         # K <= 16: always
+    assert not _rulebook.window_fits(2, 2**20, 1000)
+    for f, N in [(2, 8), (64, 64), (1025, 1025)]:
+        x = scn.SparseTensor(np.array([[0, 0, 0], [0, N - 1, N - 1]], np.int32),
+                             np.ones((2, 1), np.float32), (N, N))
+        rb, _ = x.geometry.conv(f, f, "MaxPooling")
+        fits = _rulebook.window_fits(rb.n_out, rb.kernel_volume, rb.n_pairs)
+        assert (rb.cache["window"] is not None) == fits
+        rebuilt = _ops.window_of(type(rb)(rb.in_idx, rb.out_idx, rb.offsets, rb.n_in,
+                                          rb.n_out, f, f))
+        assert (rebuilt is None) == (not fits)
+        if fits:
+            np.testing.assert_array_equal(rebuilt, rb.cache["window"])
 
 
 def _one_site(shape, batch=0, batch_size=None):
@@ -348,7 +357,7 @@ def _random_rulebook(rng, d=2, f=3, s=2, n=400, B=2):
     c = np.unique(np.column_stack([rng.integers(0, B, n)]
                                   + [rng.integers(0, N, n) for _ in range(d)]), axis=0)
     x = scn.SparseTensor(c, rng.standard_normal((len(c), 5)), (N,) * d)
-    rb, _ = x.geometry.conv(f, s, "MaxPooling", window=True)
+    rb, _ = x.geometry.conv(f, s, "MaxPooling")
     return x, rb
 
 
@@ -359,9 +368,9 @@ def test_maxpool_from_pairs_equals_from_window(fs, slope, rng):
     assert (np.bincount(rb.out_idx) == fs[0] ** 2).any()     # some windows have no gap
     assert (np.bincount(rb.out_idx) < fs[0] ** 2).any()
     g = rng.standard_normal(5) + 3      # the ground wins where it is a candidate
-    a = _cpu.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
-                             window=rb.window, negative_slope=slope)
-    b = _cpu.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
+    a = _pool.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
+                             window=_cpu.window_of(rb), negative_slope=slope)
+    b = _pool.maxpool_forward(x.features, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
                              negative_slope=slope)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
@@ -373,9 +382,9 @@ def test_conv_forward_from_pairs_equals_from_window(cin, rng):
     feats = rng.standard_normal((x.n_active, cin))
     w = rng.standard_normal((9, cin, 3))
     bias, g = rng.standard_normal(3), rng.standard_normal(cin)
-    a = _cpu.conv_forward(feats, w, bias, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
-                          window=rb.window)
-    b = _cpu.conv_forward(feats, w, bias, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out)
+    a = _conv.conv_forward(feats, w, bias, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out,
+                          window=_cpu.window_of(rb))
+    b = _conv.conv_forward(feats, w, bias, g, rb.in_idx, rb.out_idx, rb.offsets, rb.n_out)
     np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
@@ -394,14 +403,14 @@ def test_rulebook_layouts_agree(grouped, rng):
             if not grouped:
                 c = np.ascontiguousarray(c[rng.permutation(len(c))])
             sh = np.full(d, N, np.int64)
-            a = _cpu.build_conv_rulebook(c, sh, f, s, window=True, by_offset=True)
-            b = _cpu.build_conv_rulebook(c, sh, f, s, window=True, by_offset=False)
+            a = _rulebook.build_conv_rulebook(c, sh, f, s, window=True, by_offset=True)
+            b = _rulebook.build_conv_rulebook(c, sh, f, s, window=True, by_offset=False)
             for u, v in zip(a, b):
                 np.testing.assert_array_equal(u, v)
             if f % 2:
                 keys, vals, _, _ = _cpu.build_hash(c, sh)
-                a = _cpu.build_submanifold_rulebook(c, sh, keys, vals, f, by_offset=True)
-                b = _cpu.build_submanifold_rulebook(c, sh, keys, vals, f, by_offset=False)
+                a = _rulebook.build_submanifold_rulebook(c, sh, keys, vals, f, by_offset=True)
+                b = _rulebook.build_submanifold_rulebook(c, sh, keys, vals, f, by_offset=False)
                 for u, v in zip(a, b):
                     np.testing.assert_array_equal(u, v)
 
@@ -417,9 +426,9 @@ def test_fused_conv_pool_falls_back_when_the_windows_are_too_large(rng):
     pool = scn.MaxPooling(1025)
     net = scn.Sequential(conv, pool)
     y = net(x)
-    rb, mid = x.geometry.conv(1, 1, "Convolution", window=True)
-    prb, _ = mid.conv(1025, 1025, "MaxPooling", window=True)
-    assert prb.window is None          # 2 x 1025**2 entries for ~200 pairs: not built
+    rb, mid = x.geometry.conv(1, 1, "Convolution")
+    prb, _ = mid.conv(1025, 1025, "MaxPooling")
+    assert _cpu.window_of(prb) is None          # 2 x 1025**2 entries for ~200 pairs: not built
     ref = pool(conv(x))
     np.testing.assert_array_equal(y.features, ref.features)
     np.testing.assert_array_equal(y.coords, ref.coords)
@@ -438,41 +447,42 @@ def _kernel_calls(rng):
     b3 = np.zeros(3)
     gy = rng.standard_normal((n_out, 3))
     gp = rng.standard_normal((n_out, 5))
-    out, arg = _cpu.maxpool_forward(f5, g5, rb.in_idx, rb.out_idx, rb.offsets, n_out)
+    out, arg = _pool.maxpool_forward(f5, g5, rb.in_idx, rb.out_idx, rb.offsets, n_out)
     iw = _cpu.build_window(rb.out_idx, rb.in_idx, rb.offsets, n_in)
-    o22, a22 = _cpu.maxpool_forward(x22.features, g5, rb22.in_idx, rb22.out_idx,
+    o22, a22 = _pool.maxpool_forward(x22.features, g5, rb22.in_idx, rb22.out_idx,
                                     rb22.offsets, rb22.n_out)
     sh = np.asarray(x.spatial_shape, np.int64)
     crd = x.coords
     shuffled = np.ascontiguousarray(crd[::-1])
-    rb1, mid = x.geometry.conv(1, 1, "Convolution", window=True)
-    pw = mid.conv(3, 3, "MaxPooling", window=True)[0].window    # 9 x 9 grid: 3 x 3 windows
+    rb1, mid = x.geometry.conv(1, 1, "Convolution")
+    pw = _cpu.window_of(mid.conv(3, 3, "MaxPooling")[0])    # 9 x 9 grid: 3 x 3 windows
     keys, vals = x.geometry.table
     return [
-        (_rulebook, lambda: _cpu.build_conv_rulebook(crd, sh, 3, 2, window=True)),
-        (_rulebook, lambda: _cpu.build_conv_rulebook(shuffled, sh, 3, 2, by_offset=False)),
-        (_pool, lambda: _cpu.maxpool_backward(gp, arg, rb.in_idx, rb.out_idx, rb.offsets,
+        (_rulebook, lambda: _rulebook.build_conv_rulebook(crd, sh, 3, 2, window=True)),
+        (_rulebook, lambda: _rulebook.build_conv_rulebook(shuffled, sh, 3, 2, by_offset=False)),
+        (_pool, lambda: _pool.maxpool_backward(gp, arg, rb.in_idx, rb.out_idx, rb.offsets,
                                               n_in)),
-        (_pool, lambda: _cpu.maxpool_backward(
+        (_pool, lambda: _pool.maxpool_backward(
             rng.standard_normal(o22.shape), a22, rb22.in_idx, rb22.out_idx, rb22.offsets,
-            x22.n_active, window=rb22.window, negative_slope=0.1, output=o22)),
+            x22.n_active, window=_cpu.window_of(rb22), negative_slope=0.1, output=o22)),
         (_conv, lambda: _conv.conv_forward(f2, w2, b3, g2, rb.in_idx, rb.out_idx,
-                                           rb.offsets, n_out, window=rb.window)),
+                                           rb.offsets, n_out, window=_cpu.window_of(rb))),
         (_conv, lambda: _conv.conv_forward(f5, w5, b3, g5, rb.in_idx, rb.out_idx,
-                                           rb.offsets, n_out, window=rb.window)),
+                                           rb.offsets, n_out, window=_cpu.window_of(rb))),
         (_conv, lambda: _conv.conv_forward(f5, w5, b3, g5, rb.in_idx, rb.out_idx,
                                            rb.offsets, n_out)),
         (_conv, lambda: _conv.conv_backward(f2, w2, g2, gy, rb.in_idx, rb.out_idx,
-                                            rb.offsets, grad_input=False, window=rb.window)),
+                                            rb.offsets, grad_input=False,
+                                            window=_cpu.window_of(rb))),
         (_conv, lambda: _conv.conv_backward(f5, w5, g5, gy, rb.in_idx, rb.out_idx,
                                             rb.offsets)),
         (_conv, lambda: _conv.conv_backward(f5, w5, g5, gy, rb.in_idx, rb.out_idx,
                                             rb.offsets, input_window=iw)),
         (_conv, lambda: _conv.conv_maxpool_forward(
-            f2, rng.standard_normal((1, 2, 3)), b3, g2, rb1.window, pw, np.zeros(3))),
+            f2, rng.standard_normal((1, 2, 3)), b3, g2, _cpu.window_of(rb1), pw, np.zeros(3))),
         (_conv, lambda: _conv.conv_maxpool_forward(
-            f5, rng.standard_normal((1, 5, 3)), b3, g5, rb1.window, pw, np.zeros(3))),
-        (_rulebook, lambda: _cpu.build_submanifold_rulebook(crd, sh, keys, vals, 3)),
+            f5, rng.standard_normal((1, 5, 3)), b3, g5, _cpu.window_of(rb1), pw, np.zeros(3))),
+        (_rulebook, lambda: _rulebook.build_submanifold_rulebook(crd, sh, keys, vals, 3)),
     ]
 
 

@@ -1,8 +1,11 @@
 """CPU kernels: Cython + OpenMP, BLAS through scipy.linalg.cython_blas.
 
-Every name in KERNEL_NAMES exists with the same signature in sparsecnn._gpu. Kernels take
-C-contiguous arrays (int32 indices, int64 offsets, float32/float64 features), allocate and
-return their outputs, and do not validate user input (sparsecnn.functional does).
+Every name in KERNEL_NAMES exists with the same signature in sparsecnn._gpu (the
+device-neutral kernel boundary, ``_ops.py``): kernels take the rulebook (a
+``sparsecnn.geometry.Rulebook``) and C-contiguous data (int32 indices, int64 offsets,
+float32/float64 features), choose their own strategy, allocate and return their outputs, and
+do not validate user input (sparsecnn.functional does). Optional fused kernels are listed in
+CAPABILITIES. The Cython modules (``_conv``, ``_pool``, ``_rulebook``) are the strategies.
 """
 import os as _os
 
@@ -12,28 +15,26 @@ import os as _os
 # with it, and with other processes; measured +15-20% training throughput on 2 cores.
 _os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
-from ._conv import conv_backward as _conv_backward  # noqa: E402
-from ._conv import conv_forward as _conv_forward  # noqa: E402
-from ._conv import conv_maxpool_forward as _conv_maxpool_forward  # noqa: E402
 from ._openmp import USE_OPENMP, max_threads  # noqa: E402
-from ._pool import (  # noqa: E402
+from ._ops import (  # noqa: E402
+    CAPABILITIES,
+    INPUT_SIDE_FILL,
+    SMALL_CIN,
     avgpool_backward,
     avgpool_forward,
+    build_conv_rulebook,
+    build_submanifold_rulebook,
+    conv_backward,
+    conv_forward,
+    conv_maxpool_forward,
+    input_window_of,
     maxpool_backward,
     maxpool_forward,
+    window_of,
 )
 from ._reduce import column_sums  # noqa: E402
-from ._rulebook import (  # noqa: E402
-    build_conv_rulebook,
-    build_hash,
-    build_submanifold_rulebook,
-    build_window,
-)
-from ._threads import blas_info, single_threaded_blas, with_single_threaded_blas  # noqa: E402
-
-conv_forward = with_single_threaded_blas(_conv_forward)
-conv_backward = with_single_threaded_blas(_conv_backward)
-conv_maxpool_forward = with_single_threaded_blas(_conv_maxpool_forward)
+from ._rulebook import build_hash, build_window  # noqa: E402
+from ._threads import blas_info, single_threaded_blas  # noqa: E402
 
 KERNEL_NAMES = (
     "build_hash",
@@ -42,7 +43,6 @@ KERNEL_NAMES = (
     "build_window",
     "conv_forward",
     "conv_backward",
-    "conv_maxpool_forward",
     "maxpool_forward",
     "maxpool_backward",
     "avgpool_forward",
@@ -54,6 +54,7 @@ __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
     "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
     "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "KERNEL_NAMES",
-    "USE_OPENMP", "max_threads", "blas_info", "single_threaded_blas",
+    "CAPABILITIES", "USE_OPENMP", "max_threads", "blas_info", "single_threaded_blas",
+    "window_of", "input_window_of", "SMALL_CIN", "INPUT_SIDE_FILL",
 ]
-assert set(KERNEL_NAMES) <= set(__all__)
+assert set(KERNEL_NAMES) | CAPABILITIES <= set(__all__)

@@ -298,8 +298,8 @@ cdef void _numbering(Py_ssize_t B, int K, const int64_t* nout, const int64_t* co
 
 
 # The window table (rows x K) is kept only while it is not far larger than the pairs: at most
-# WINDOW_SLACK entries per pair, or WINDOW_FLOOR entries in all (4 MiB). The same rule as
-# sparsecnn.geometry's (tests/test_limits.py checks that they agree).
+# WINDOW_SLACK entries per pair, or WINDOW_FLOOR entries in all (4 MiB). Otherwise the
+# kernels work from the pair lists (sparsecnn._cpu._ops.window_of applies the same rule).
 WINDOW_SLACK = 16
 WINDOW_FLOOR = 2**20
 # per-sample scratch of the grouped-by-offset layout: (n + samples) * K entries; beyond

@@ -240,7 +240,7 @@ def _conv_bwd(features, weight, g_in, grad_out, rb, grad_input: bool, kind: str)
     return gx, _wgrad(features, weight, g_in, grad_out, rb)
 
 
-def conv_backward(features: Any, weight: Any, g_in: Any, grad_out: Any, rb,
+def conv_backward(features: Any, weight: Any, g_in: Any, grad_out: Any, rb, *,
                   grad_input: bool = True):
     """Gradients of conv_forward's pair sum (as sparsecnn._cpu.conv_backward):
 
@@ -255,7 +255,7 @@ def conv_backward(features: Any, weight: Any, g_in: Any, grad_out: Any, rb,
     return _conv_bwd(features, weight, g_in, grad_out, rb, grad_input, "tiled")
 
 
-def conv_backward_simple(features: Any, weight: Any, g_in: Any, grad_out: Any, rb,
+def conv_backward_simple(features: Any, weight: Any, g_in: Any, grad_out: Any, rb, *,
                          grad_input: bool = True):
     """conv_backward with the one-thread-per-value input-gradient kernel."""
     return _conv_bwd(features, weight, g_in, grad_out, rb, grad_input, "simple")
@@ -288,7 +288,7 @@ def _conv_maxpool(features, weight, row, g_in, conv_rb, pool_rb, pool_ground, ne
 
 
 def conv_maxpool_forward(features: Any, weight: Any, row: Any, g_in: Any, conv_rb, pool_rb,
-                         pool_ground: Any, negative_slope: float | None = None):
+                         pool_ground: Any, *, negative_slope: float | None = None):
     """maxpool_forward(conv_forward(features, weight, row, g_in, conv_rb), pool_ground,
     pool_rb, negative_slope) without storing the convolution's output.
 
@@ -302,14 +302,15 @@ def conv_maxpool_forward(features: Any, weight: Any, row: Any, g_in: Any, conv_r
 
 
 def conv_maxpool_forward_simple(features: Any, weight: Any, row: Any, g_in: Any, conv_rb,
-                                pool_rb, pool_ground: Any, negative_slope: float | None = None):
+                                pool_rb, pool_ground: Any, *,
+                                negative_slope: float | None = None):
     """conv_maxpool_forward through the one-thread-per-value reference kernel."""
     return _conv_maxpool(features, weight, row, g_in, conv_rb, pool_rb, pool_ground,
                          negative_slope, "simple")
 
 
 # -- pooling ---------------------------------------------------------------------------------
-def maxpool_forward(features: Any, ground: Any, rb, negative_slope: float | None = None):
+def maxpool_forward(features: Any, ground: Any, rb, *, negative_slope: float | None = None):
     """out[o, c] = max(features[i, c] over active i in o's window; ground[c] if any site of
     the window is inactive), then the (leaky) ReLU max(v, slope v) if negative_slope is not
     None. Returns out (n_out, C) and argmax (n_out, C) int32: the input row that won, -1 for
@@ -329,7 +330,7 @@ def maxpool_forward(features: Any, ground: Any, rb, negative_slope: float | None
     return out, arg
 
 
-def maxpool_backward(grad_out: Any, argmax: Any, rb, negative_slope: float | None = None,
+def maxpool_backward(grad_out: Any, argmax: Any, rb, *, negative_slope: float | None = None,
                      output: Any = None):
     """grad_features[i, c] = sum of d[o, c] over the windows o that i won in channel c, where
     d = grad_out, or with negative_slope (the fused activation; output: the forward's output)

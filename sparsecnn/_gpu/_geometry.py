@@ -150,7 +150,17 @@ def build_hash(coords, spatial_shape):
     return keys, vals, inverse, int(n_unique)
 
 
-def build_conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
+def build_conv_rulebook(coords, spatial_shape, filter_size, stride):
+    """The kernel boundary's rulebook of a valid (f, s) window (as ``sparsecnn._cpu``'s):
+    out_coords, in_idx, out_idx, offsets and the backend's cache for the rulebook, here the
+    window table filled in the same pass (``cache["gpu_window"]``, what the float kernels
+    use)."""
+    oc, in_idx, out_idx, offsets, win = conv_rulebook(coords, spatial_shape, filter_size,
+                                                      stride, window=True)
+    return oc, in_idx, out_idx, offsets, {"gpu_window": win}
+
+
+def conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
     """Rulebook of a valid convolution / pooling window (f, s) over unique sites.
 
     coords : (n, 1 + d) int32 unique sites; spatial_shape : (d,) int64 with (N - f) % s == 0.
@@ -213,6 +223,13 @@ def build_conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=Fa
 
 
 def build_submanifold_rulebook(coords, spatial_shape, table_keys, table_vals, filter_size):
+    """The kernel boundary's submanifold rulebook: in_idx, out_idx, offsets and an empty cache
+    (as ``sparsecnn._cpu``'s)."""
+    return (*submanifold_rulebook(coords, spatial_shape, table_keys, table_vals, filter_size),
+            {})
+
+
+def submanifold_rulebook(coords, spatial_shape, table_keys, table_vals, filter_size):
     """Rulebook of a submanifold convolution (f odd): outputs are the input sites.
 
     coords : (n, 1 + d) int32 unique sites; table_keys / table_vals: their hash (any table
