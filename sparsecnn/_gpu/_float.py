@@ -131,13 +131,13 @@ def _ordered_colsum(partial: Any, C: int) -> Any:
 
 
 # -- windows, column sums --------------------------------------------------------------------
-def build_window(in_idx: Any, out_idx: Any, offsets: Any, n_rows: int) -> Any:
+def build_window(in_idx: Any, out_idx: Any, offsets: Any, n_out: int) -> Any:
     """The rulebook grouped by output: (n_rows, K) int32, window[o, k] = the input row paired
     with o at offset k, or -1 (as sparsecnn._cpu.build_window). With in_idx and out_idx
     swapped (and n_in rows) it groups the pairs by input."""
     xp = xp_of(in_idx)
     K = int(offsets.shape[0]) - 1
-    n_rows = int(n_rows)
+    n_rows = int(n_out)
     win = xp.empty((n_rows, K), dtype=np.int32)
     if n_rows == 0 or K == 0:
         return win
