@@ -1241,3 +1241,18 @@ def net_branch_margin(x, mask, ground, layers, params) -> float:
             if gap.size:
                 best = min(best, gap.min() / scale)
     return float(best)
+
+
+def net_batchnorm_stats(x, mask, ground, layers, params) -> list:
+    """[(n, var (C,), gamma (C,))] for each training-mode batch norm of the network, in
+    order: its number of active input sites and their per-channel (biased) variance.
+
+    A variance far below eps (n >= 2 copies of one value) makes the layer amplify its input's
+    rounding error by up to |gamma| / sqrt(eps): a caller sets its tolerance from this."""
+    _, _, trace, per_layer = _net_run(x, mask, ground, layers, params)
+    out = []
+    for spec, (h, m), p in zip(layers, trace, per_layer, strict=True):
+        if spec[0] == "bn" and spec[3] is None:
+            _, var, n = _bn_stats(h, m, h.ndim - 2, True, None, None)
+            out.append((int(n), var, p[0]))
+    return out
