@@ -119,15 +119,15 @@ def format_table(rows: list[LayerStats]) -> str:
     """Plain-text table: size, active sites, % active, multiply-adds sparse vs dense."""
     head = (f"{'#':>2}  {'layer':<30} {'size':>9} {'C':>4} {'active':>9} {'% active':>8} "
             f"{'MACs sparse':>13} {'MACs dense':>13} {'ratio':>6}")
-    lines = [head, "-" * len(head)]
     width = max([30] + [len(r.layer) for r in rows])
     head = head.replace(f"{'layer':<30}", f"{'layer':<{width}}")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = "x".join(str(n) for n in r.spatial_shape)
         ratio = f"{r.macs_dense / r.macs_sparse:6.1f}" if r.macs_sparse else "     -"
-        lines.append(f"{r.index:>2}  {r.layer:<{width}} {size:>9} {r.channels:>4} {r.active_sites:>9,} "
-                     f"{100 * r.density:>7.2f}% {r.macs_sparse:>13,} {r.macs_dense:>13,} {ratio}")
+        lines.append(f"{r.index:>2}  {r.layer:<{width}} {size:>9} {r.channels:>4} "
+                     f"{r.active_sites:>9,} {100 * r.density:>7.2f}% {r.macs_sparse:>13,} "
+                     f"{r.macs_dense:>13,} {ratio}")
     sp, de = total_macs(rows)
     lines.append("-" * len(head))
     ratio = f"{de / sp:6.1f}" if sp else "     -"
