@@ -183,3 +183,17 @@ def test_training_on_the_device_equals_cpu_and_counts_host_copies(cuda, monkeypa
     (h0, r0), (h1, r1) = counts
     assert r1 - r0 == 7
     assert h1 - h0 == 2 + 7
+
+
+def test_a_window_far_larger_than_its_pairs_is_refused_on_the_gpu(cuda):
+    """No (n_out, K) table is built for a huge window over few sites (the GPU kernels have no
+    pair-list path yet): a clear MemoryError, not a memory bomb; the CPU computes it."""
+    x = scn.SparseTensor(np.array([[0, 0, 0], [0, 1999, 1999]], np.int32),
+                         np.ones((2, 1), np.float32), (2000, 2000))
+    pool = scn.MaxPooling(1000)
+    on_cpu = pool(x)
+    rb, _ = x.to(cuda).geometry.conv(1000, 1000, "MaxPooling")
+    assert "gpu_window" not in rb.cache          # the rulebook kernel did not fill one
+    with pytest.raises(MemoryError, match=r"run this layer on the CPU"):
+        pool(x.to(cuda))
+    assert on_cpu.n_active == 2
