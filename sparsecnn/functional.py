@@ -380,7 +380,8 @@ def relu(x: SparseTensor) -> SparseTensor:
 
 def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
             channelwise: bool = False, batchwise: bool = False) -> SparseTensor:
-    """Inverted dropout on the active sites' features (training mode).
+    """Inverted dropout on the active sites' features (training mode). ``rng`` is a
+    generator of the array module of ``x``'s device (numpy's, or cupy's).
 
     Each feature is zeroed with probability p and the rest scaled by 1/(1-p); with
     ``channelwise`` whole channels of a sample are dropped, and with ``batchwise`` too whole
@@ -393,13 +394,12 @@ def dropout(x: SparseTensor, p: float, rng: np.random.Generator, *,
     xp = backend.xp(x.device)
     keep = 1.0 - p
     if batchwise:
-        m = np.broadcast_to(rng.random((1, x.channels)) < keep, x.features.shape)
+        m = xp.broadcast_to(rng.random((1, x.channels)) < keep, x.features.shape)
     elif channelwise:
         # one mask row per sample present (not per batch index: a large batch_size with few
         # sites must not cost batch_size * C random numbers); when every sample has sites
         # this is the same draw as one row per sample
-        batch = backend.to_device(x.coords[:, 0], "cpu") if x.n_active else np.zeros(0, int)
-        present, row = np.unique(batch, return_inverse=True)
+        present, row = xp.unique(x.coords[:, 0], return_inverse=True)
         bm = rng.random((len(present), x.channels)) < keep
         m = bm[row.reshape(-1)]
     else:
@@ -563,7 +563,7 @@ def cross_entropy(logits: Tensor, labels: Any, *, label_smoothing: float = 0.0) 
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (B, n_classes), got {logits.shape}")
     B, n_cls = logits.shape
-    lab = np.asarray(backend.to_device(labels, "cpu") if hasattr(labels, "get") else labels)
+    lab = np.asarray(backend.to_host(labels) if backend.device_of(labels) == "cuda" else labels)
     if lab.dtype.kind not in "iu":
         raise TypeError(f"labels must be integers, got dtype {lab.dtype}")
     if lab.shape != (B,):

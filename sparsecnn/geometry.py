@@ -122,14 +122,16 @@ class Geometry:
     """
 
     def __init__(self, coords, spatial_shape: tuple[int, ...], batch_size: int,
-                 device: str = "cpu", table: tuple[Any, Any] | None = None) -> None:
+                 device: str = "cpu", table: tuple[Any, Any] | None = None,
+                 shape_array: Any = None) -> None:
         self.coords = coords
         self.spatial_shape = tuple(int(n) for n in spatial_shape)
         self.batch_size = int(batch_size)
         self.device = device
         self._table = table
         self._cache: dict[tuple, Any] = {}
-        self._shape_arr = np.asarray(self.spatial_shape, dtype=np.int64)
+        self._shape_arr = (np.asarray(self.spatial_shape, dtype=np.int64) if shape_array is None
+                           else shape_array)
 
     @property
     def n_active(self) -> int:
@@ -144,7 +146,10 @@ class Geometry:
         return backend.kernels(self.device)
 
     def shape_array(self):
-        return backend.to_device(self._shape_arr, self.device)
+        """spatial_shape as an int64 array on this geometry's device (copied there once)."""
+        if backend.device_of(self._shape_arr) != self.device:
+            self._shape_arr = backend.to_device(self._shape_arr, self.device)
+        return self._shape_arr
 
     @property
     def table(self) -> tuple[Any, Any]:

@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from . import backend
+
 __all__ = ["accuracy", "topk_accuracy", "RunningMean", "MetricTracker"]
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     """Return ``x`` as a NumPy array, copying device arrays to the host."""
-    if not isinstance(x, np.ndarray) and hasattr(x, "get") and hasattr(x, "shape"):
-        x = x.get()
+    if backend.device_of(x) == "cuda":
+        x = backend.to_host(x)
     try:
         return np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
@@ -156,8 +158,8 @@ def accuracy(logits: Any, labels: Any, topk: int = 1) -> float:
 
 def _as_float(value: Any, name: str) -> float:
     """Convert a Python/NumPy/CuPy scalar (or 0-d / size-1 array) to float."""
-    if hasattr(value, "get") and not isinstance(value, (np.ndarray, np.generic)):
-        value = value.get()
+    if backend.device_of(value) == "cuda":
+        value = backend.to_host(value)
     if isinstance(value, np.ndarray):
         if value.size != 1:
             raise ValueError(f"{name} must be a scalar, got an array of shape {value.shape}")

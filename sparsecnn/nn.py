@@ -443,11 +443,24 @@ class Dropout(Module):
         self.channelwise = bool(channelwise)
         self.batchwise = bool(batchwise)
         self.rng = np.random.default_rng(seed)
+        self._device_rngs: dict[str, Any] = {}
+
+    def rng_for(self, device: str) -> Any:
+        """The generator that draws the masks on ``device``: ``self.rng`` on the CPU; on a
+        GPU one of the array module's, seeded once from ``self.rng`` (so the masks come
+        from the device, reproducibly for a fixed seed)."""
+        if device == "cpu":
+            return self.rng
+        r = self._device_rngs.get(device)
+        if r is None:
+            seed = int(self.rng.integers(2**63 - 1))
+            r = self._device_rngs[device] = backend.xp(device).random.default_rng(seed)
+        return r
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         if not self.training or self.p == 0:
             return x
-        return F.dropout(x, self.p, self.rng, channelwise=self.channelwise,
+        return F.dropout(x, self.p, self.rng_for(x.device), channelwise=self.channelwise,
                          batchwise=self.batchwise)
 
     def _spec_args(self) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from numbers import Real
 from typing import Any
 
+from . import backend
+
 __all__ = [
     "SGD",
     "clip_grad_norm",
@@ -79,8 +81,8 @@ def _array_like(ref: Any, value: Any, what: str) -> Any:
         )
     if type(value) is type(ref):
         return value.astype(ref.dtype, copy=True)
-    if hasattr(value, "get") and not hasattr(ref, "get"):
-        value = value.get()  # device array -> host
+    if backend.device_of(value) == "cuda" and backend.device_of(ref) == "cpu":
+        value = backend.to_host(value)  # device array -> host
     out = ref.copy()
     out[...] = value
     return out
@@ -223,6 +225,10 @@ class SGD:
                 g = g + wd * data
             if mom != 0.0:
                 buf = self.momentum_buffers[i]
+                if buf is not None and backend.device_of(buf) != backend.device_of(data):
+                    # the parameter moved (model.to(device)): its buffer follows it
+                    buf = self.momentum_buffers[i] = backend.to_device(
+                        buf, backend.device_of(data))
                 if buf is None:
                     buf = g.copy()
                     self.momentum_buffers[i] = buf

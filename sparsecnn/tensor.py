@@ -360,7 +360,7 @@ class SparseTensor(Variable):
         if feats.ndim != 2 or feats.shape[0] != self.n_active:
             raise ValueError(f"features must have shape ({self.n_active}, C), "
                              f"got {tuple(feats.shape)}")
-        if not allow_nonfinite and feats.size and not bool(xp.isfinite(feats).all()):
+        if not allow_nonfinite and feats.size and not _all_finite(feats):
             raise ValueError("features contain NaN or Inf; pass allow_nonfinite=True to "
                              "accept them")
         g = _check_ground(ground, feats.shape[1], feats.dtype, allow_nonfinite, xp)
@@ -444,9 +444,14 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
         raise ValueError(f"spatial_shape entries must be at most 2**31 - 1 (coordinates are "
                          f"int32), got {shape}")
     d = len(shape)
+    devices = {backend.device_of(coords), backend.device_of(features)}
+    if devices == {"cuda"}:
+        return _validate_on_device(coords, features, shape, batch_size, ground,
+                                   allow_nonfinite)
+    if "cuda" in devices:
+        raise ValueError(f"coords are on {backend.device_of(coords)!r} but features on "
+                         f"{backend.device_of(features)!r}; put both on one device")
     # coords
-    if backend.device_of(coords) == "cuda":  # pragma: no cover - needs a GPU
-        coords = coords.get()
     c = np.asarray(coords)
     if c.dtype.kind not in "iu":
         if c.size == 0 and c.dtype.kind == "f":
@@ -458,8 +463,6 @@ def _validate(coords: Any, features: Any, spatial_shape: Any, batch_size: Any, g
                          f"coordinates), got shape {c.shape}")
     n = c.shape[0]
     # features
-    if backend.device_of(features) == "cuda":  # pragma: no cover - needs a GPU
-        features = features.get()
     f = np.asarray(features)
     if f.dtype not in FLOAT_DTYPES:
         raise TypeError(f"features must be float32 or float64, got dtype {f.dtype}")
@@ -535,7 +538,75 @@ def _check_ground(ground: Any, C: int, dtype: np.dtype, allow_nonfinite: bool,
         raise TypeError(f"ground must be an array of {C} numbers, got {ground!r:.60}") from None
     if g.shape != (C,):
         raise ValueError(f"ground must have shape ({C},), got {g.shape}")
-    if not allow_nonfinite and not bool(xp.isfinite(g).all()):
-        raise ValueError(f"ground contains NaN or Inf ({g.tolist()}); pass "
+    if not allow_nonfinite and not _all_finite(g):
+        raise ValueError(f"ground contains NaN or Inf ({backend.to_host(g).tolist()}); pass "
                          f"allow_nonfinite=True to accept it")
     return xp.ascontiguousarray(g)
+
+
+def _all_finite(a: Any) -> bool:
+    """Whether every value of ``a`` is finite (on a device: one counted read of the answer)."""
+    if backend.device_of(a) == "cpu":
+        return bool(np.isfinite(a).all())
+    return bool(backend.to_host(backend.xp("cuda").isfinite(a).all()))
+
+
+def _validate_on_device(coords: Any, features: Any, shape: tuple[int, ...], batch_size: Any,
+                        ground: Any, allow_nonfinite: bool) -> tuple[Geometry, Any, Any]:
+    """_validate for coords and features on a device: the tensor stays there (the hash is
+    built by the device's kernels). The ranges and the finiteness are summarised on the
+    device and read back in one small copy; only if something is wrong (or sites repeat,
+    which is rare) do the arrays come to the host, where the host checks name the fault."""
+    xp = backend.xp("cuda")
+    d = len(shape)
+    if coords.dtype.kind not in "iu":
+        raise TypeError(f"coords must be an integer array, got dtype {coords.dtype}")
+    if coords.ndim != 2 or coords.shape[1] != 1 + d:
+        raise ValueError(f"coords must have shape (n, {1 + d}) (batch index, then {d} "
+                         f"coordinates), got shape {tuple(coords.shape)}")
+    if features.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"features must be float32 or float64, got dtype {features.dtype}")
+    if features.ndim != 2 or features.shape[0] != coords.shape[0]:
+        raise ValueError(f"features must have shape ({coords.shape[0]}, C), got shape "
+                         f"{tuple(features.shape)}")
+    n = int(coords.shape[0])
+
+    def on_host():      # the host checks, for their messages (and to sum duplicates)
+        geom, f, g = _validate(backend.to_host(coords), backend.to_host(features), shape,
+                               batch_size, backend.to_host(ground) if backend.device_of(
+                                   ground) == "cuda" else ground, allow_nonfinite)
+        geom = geom.to("cuda")
+        return geom, backend.to_device(f, "cuda"), backend.to_device(g, "cuda")
+
+    if n:
+        c64 = coords.astype(xp.int64)
+        summary = xp.concatenate([c64.min(axis=0), c64.max(axis=0),
+                                  (~xp.isfinite(features)).any().reshape(1).astype(xp.int64)])
+        s = backend.to_host(summary)
+        lo, hi, bad = s[:1 + d], s[1 + d:2 + 2 * d], bool(s[-1])
+        limits = np.asarray((_INT32_MAX,) + tuple(n - 1 for n in shape))
+        if lo.min() < 0 or (hi > limits).any() or (bad and not allow_nonfinite) or (
+                batch_size is not None and int(batch_size) <= hi[0]):
+            return on_host()
+        max_b = int(hi[0]) + 1
+    else:
+        max_b = 0
+    if batch_size is None:
+        batch_size = max_b
+    elif isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
+            not 0 <= batch_size <= _INT32_MAX + 1):
+        return on_host()
+    batch_size = int(batch_size)
+    check_packable(shape, batch_size)
+    c32 = xp.ascontiguousarray(coords, dtype=xp.int32)
+    shape_arr = backend.to_device(np.asarray(shape, dtype=np.int64), "cuda")
+    K = backend.kernels("cuda")
+    keys, vals, _, n_unique = K.build_hash(c32, shape_arr)
+    if n_unique < n:
+        return on_host()
+    f = xp.ascontiguousarray(features)
+    if ground is not None and backend.device_of(ground) == "cpu":
+        ground = backend.to_device(_check_ground(ground, f.shape[1], f.dtype, allow_nonfinite),
+                                   "cuda")
+    g = _check_ground(ground, f.shape[1], f.dtype, allow_nonfinite, xp)
+    return Geometry(c32, shape, batch_size, "cuda", (keys, vals), shape_arr), f, g

@@ -67,6 +67,23 @@ __all__ = [
     "deepcnet_backward",
     "deepcnin_forward",
     "deepcnin_backward",
+    "zero_inactive",
+    "window_mask",
+    "conv_zero_forward",
+    "conv_zero_backward",
+    "submanifold_zero_forward",
+    "submanifold_zero_backward",
+    "maxpool_zero_forward",
+    "maxpool_zero_backward",
+    "avgpool_zero_forward",
+    "avgpool_zero_backward",
+    "nin_zero_forward",
+    "nin_zero_backward",
+    "batchnorm_zero_forward",
+    "batchnorm_zero_backward",
+    "net_forward",
+    "net_backward",
+    "net_branch_margin",
 ]
 
 
@@ -527,6 +544,173 @@ def batchnorm_backward(
 
 
 # --------------------------------------------------------------------------
+# zero-ground semantics (ground_state=False)
+# --------------------------------------------------------------------------
+#
+# The modern libraries' semantics (SparseConvNet, spconv): inactive sites hold 0, whatever
+# ground the input tensor carries; a layer reads only its active inputs, writes only its
+# active outputs (bias included) and leaves 0 everywhere else. Active outputs: those of the
+# ground-state version (window ops: a window holding an active input; the others: the
+# input's sites). Max pooling looks at active inputs only; average pooling takes the mean
+# over the whole window (f**d sites), the inactive ones counting as 0. Gradients: no
+# gradient reaches an inactive input position (it is not read).
+
+
+def _mask64(mask, x64) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    expected = (x64.shape[0],) + x64.shape[2:]
+    if mask.shape != expected:
+        raise ValueError(f"mask shape {mask.shape} != (B, *spatial) = {expected}")
+    return mask
+
+
+def zero_inactive(x, mask) -> np.ndarray:
+    """x (B,C,*N) with 0 at the inactive positions of mask (B,*N)."""
+    x64 = _f64(x)
+    _check_features(x64)
+    return _cast(np.where(_mask64(mask, x64)[:, None], x64, 0.0), x)
+
+
+def window_mask(mask, f: int, s: int) -> np.ndarray:
+    """Output mask (B,*((N-f)//s+1)) of a valid window op: True where the window
+    [o*s, o*s + f)^d holds an active input of mask (B,*N)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim < 2:
+        raise ValueError(f"mask must have shape (B, *spatial) with d >= 1, got {mask.shape}")
+    d = mask.ndim - 1
+    out_sp = pooled_shape(mask.shape[1:], f, s)
+    out = np.zeros((mask.shape[0],) + out_sp, dtype=bool)
+    for off in window_offsets(f, d):
+        out |= mask[(slice(None),) + tuple(slice(i, i + s * (n - 1) + 1, s)
+                                           for i, n in zip(off, out_sp, strict=True))]
+    return out
+
+
+def conv_zero_forward(x, mask, weight, bias, f: int, s: int) -> np.ndarray:
+    """Zero-ground valid convolution: y[o] = bias + sum over active i in o's window of
+    W_k^T x[i] at active outputs o (window_mask), 0 elsewhere. x (B,Ci,*N), mask (B,*N)."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = conv_forward(np.where(m[:, None], x64, 0.0), weight, bias, f, s)
+    return _cast(np.where(window_mask(m, f, s)[:, None], _f64(y), 0.0), x)
+
+
+def conv_zero_backward(x, mask, weight, bias, f: int, s: int, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of conv_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    out_m = window_mask(m, f, s)
+    gx, gw, gb = conv_backward(np.where(m[:, None], x64, 0.0), weight, bias, f, s,
+                               np.where(out_m[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+def submanifold_zero_forward(x, mask, weight, bias, f: int) -> np.ndarray:
+    """Zero-ground submanifold convolution: at active p, bias + sum_k W_k^T x[p - f//2 + i_k]
+    over the active neighbours (outside the grid: nothing); 0 at inactive p."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    c_in = x64.shape[1]
+    y = submanifold_forward(np.where(m[:, None], x64, 0.0), m, np.zeros(c_in), weight, bias, f)
+    return _cast(np.where(m[:, None], _f64(y), 0.0), x)
+
+
+def submanifold_zero_backward(x, mask, weight, bias, f: int, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of submanifold_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    c_in = x64.shape[1]
+    gx, _, gw, gb = submanifold_backward(np.where(m[:, None], x64, 0.0), m, np.zeros(c_in),
+                                         weight, bias, f, np.where(m[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+def maxpool_zero_forward(x, mask, f: int, s: int) -> np.ndarray:
+    """Zero-ground max pooling: y[o] = max of x over the active positions of o's window at
+    active outputs (the max may be negative: inactive sites are not candidates), 0 elsewhere."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    best, _, _ = _maxpool_argmax(np.where(m[:, None], x64, -np.inf), f, s)
+    return _cast(np.where(window_mask(m, f, s)[:, None], best, 0.0), x)
+
+
+def maxpool_zero_backward(x, mask, f: int, s: int, grad_y) -> np.ndarray:
+    """grad_y[o] of each active output routed to the first (row-major window order) maximal
+    active position of window o; inactive outputs pass nothing back."""
+    x64, gy = _f64(x), _f64(grad_y)
+    d = _check_features(x64)
+    m = _mask64(mask, x64)
+    _, arg, out_sp = _maxpool_argmax(np.where(m[:, None], x64, -np.inf), f, s)
+    if gy.shape != x64.shape[:2] + out_sp:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {x64.shape[:2] + out_sp}")
+    gy = np.where(window_mask(m, f, s)[:, None], gy, 0.0)
+    gx = np.zeros_like(x64)
+    for k, off in enumerate(window_offsets(f, d)):
+        gx[_window(off, out_sp, s)] += np.where(arg == k, gy, 0.0)
+    return _cast(np.where(m[:, None], gx, 0.0), x)
+
+
+def avgpool_zero_forward(x, mask, f: int, s: int) -> np.ndarray:
+    """Zero-ground average pooling: y[o] = f**-d sum of x over the active positions of o's
+    window (the whole window's mean, inactive sites counting as 0) at active outputs, 0
+    elsewhere."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = _f64(avgpool_forward(np.where(m[:, None], x64, 0.0), f, s))
+    return _cast(np.where(window_mask(m, f, s)[:, None], y, 0.0), x)
+
+
+def avgpool_zero_backward(x, mask, f: int, s: int, grad_y) -> np.ndarray:
+    """dL/dx at active positions = sum over active windows o holding it of grad_y[o] / f**d;
+    0 at inactive positions."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gx = avgpool_backward(x64, f, s, np.where(window_mask(m, f, s)[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x)
+
+
+def nin_zero_forward(x, mask, weight, bias) -> np.ndarray:
+    """Zero-ground 1x1 convolution: x W + bias at active positions, 0 elsewhere."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = _f64(nin_forward(x64, weight, bias))
+    return _cast(np.where(m[:, None], y, 0.0), x)
+
+
+def nin_zero_backward(x, mask, weight, bias, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of nin_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gx, gw, gb = nin_backward(np.where(m[:, None], x64, 0.0), weight, bias,
+                              np.where(m[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+def batchnorm_zero_forward(x, mask, gamma, beta, eps, *, train, running_mean=None,
+                           running_var=None):
+    """Zero-ground batch norm: batchnorm_forward at active positions (statistics over the
+    active sites in training), 0 elsewhere. Same return values as batchnorm_forward."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    out = batchnorm_forward(np.where(m[:, None], x64, 0.0), m, gamma, beta, eps, train=train,
+                            running_mean=running_mean, running_var=running_var)
+    y = out[0] if train else out
+    y = _cast(np.where(m[:, None], _f64(y), 0.0), x)
+    return (y, out[1], out[2]) if train else y
+
+
+def batchnorm_zero_backward(x, mask, gamma, beta, eps, grad_y, *, train, running_mean=None,
+                            running_var=None):
+    """(grad_x (0 at inactive positions), grad_gamma, grad_beta) of batchnorm_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gx, gg, gb = batchnorm_backward(np.where(m[:, None], x64, 0.0), m, gamma, beta, eps,
+                                    np.where(m[:, None], gy, 0.0), train=train,
+                                    running_mean=running_mean, running_var=running_var)
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gg, gb
+
+
+# --------------------------------------------------------------------------
 # loss
 # --------------------------------------------------------------------------
 
@@ -835,3 +1019,240 @@ def deepcnin_backward(x, params, l: int, activation_slope: float, grad_y):
     """
     _check_deepcnet_input(x, l)
     return sequential_backward(x, deepcnin_layers(l, activation_slope), params, grad_y)
+
+
+# --------------------------------------------------------------------------
+# sparse networks in both ground-state modes (the oracle of the fuzz tests)
+# --------------------------------------------------------------------------
+#
+# The dense twin of a sparse network, which carries the active mask and the ground state
+# along. The ground travels as one extra sample appended to the batch, all of whose sites are
+# inactive and hold the ground: every layer maps it as the dense network maps a constant
+# field, so after each layer it holds that layer's output ground (0 after a zero-ground
+# layer); a ground-state submanifold convolution reads its input ground (the value outside
+# the grid) from it. The input's inactive entries are the ground (tied to it), so the
+# gradient w.r.t. the input ground is the sum over every position that holds it.
+#
+# Layer specs (gs: True = ground-state semantics, False = zero-ground semantics):
+#   ("conv", f, s, gs)         valid conv; params W (f**d, Ci, Co), b (Co,) or None
+#   ("subm", f, gs)            submanifold conv (odd f); params W, b or None
+#   ("maxpool", f, s, gs)
+#   ("avgpool", f, s, gs)
+#   ("nin", gs)                1x1 conv; params W (Ci, Co), b (Co,) or None
+#   ("act", slope)             ReLU (slope 0) or leaky ReLU; applies to the ground too
+#   ("bn", gs, eps, running_mean, running_var)   params gamma, beta (C,); running_mean None:
+#                              training mode (batch statistics over the active sites)
+#   ("linear",)                last layer only: flatten (C order) and x @ W + b -> (B, n_out)
+
+_NET_PARAMS = {"conv": 2, "subm": 2, "nin": 2, "bn": 2, "linear": 2,
+               "maxpool": 0, "avgpool": 0, "act": 0}
+
+
+def _net_split(layers, params):
+    params = list(params)
+    need = sum(_NET_PARAMS.get(spec[0], 0) for spec in layers)
+    if len(params) != need:
+        raise ValueError(f"layers need {need} parameter arrays, got {len(params)}")
+    out, i = [], 0
+    for j, spec in enumerate(layers):
+        if spec[0] not in _NET_PARAMS:
+            raise ValueError(f"unknown layer spec {spec!r}")
+        if spec[0] == "linear" and j != len(layers) - 1:
+            raise ValueError("('linear',) must be the last layer")
+        k = _NET_PARAMS[spec[0]]
+        out.append([None if a is None else _f64(a) for a in params[i:i + k]])
+        i += k
+    return out
+
+
+def _bias(b, n):
+    return np.zeros(n) if b is None else b
+
+
+def _corner(h):
+    """The ground: the extra (last) sample's first site, (C,)."""
+    return h[(-1, slice(None)) + (0,) * (h.ndim - 2)].copy()
+
+
+def _net_layer_forward(spec, h, m, p):
+    """(output, output mask) of one layer on the augmented batch."""
+    kind = spec[0]
+    if kind == "conv":
+        f, s, gs = spec[1:]
+        b = _bias(p[1], p[0].shape[2])
+        fwd = conv_forward if gs else (lambda h, w, b, f, s: conv_zero_forward(h, m, w, b, f, s))
+        return _f64(fwd(h, p[0], b, f, s)), window_mask(m, f, s)
+    if kind == "subm":
+        f, gs = spec[1:]
+        b = _bias(p[1], p[0].shape[2])
+        if gs:
+            return _f64(submanifold_forward(h, m, _corner(h), p[0], b, f)), m
+        return _f64(submanifold_zero_forward(h, m, p[0], b, f)), m
+    if kind in ("maxpool", "avgpool"):
+        f, s, gs = spec[1:]
+        if gs:
+            fwd = maxpool_forward if kind == "maxpool" else avgpool_forward
+            return _f64(fwd(h, f, s)), window_mask(m, f, s)
+        fwd = maxpool_zero_forward if kind == "maxpool" else avgpool_zero_forward
+        return _f64(fwd(h, m, f, s)), window_mask(m, f, s)
+    if kind == "nin":
+        b = _bias(p[1], p[0].shape[1])
+        y = nin_forward(h, p[0], b) if spec[1] else nin_zero_forward(h, m, p[0], b)
+        return _f64(y), m
+    if kind == "act":
+        return _f64(_act_fwd(h, spec[1])), m
+    if kind == "bn":
+        gs, eps, rm, rv = spec[1:]
+        train = rm is None
+        fwd = batchnorm_forward if gs else batchnorm_zero_forward
+        out = fwd(h, m, p[0], p[1], eps, train=train, running_mean=rm, running_var=rv)
+        return _f64(out[0] if train else out), m
+    # linear
+    b = _bias(p[1], p[0].shape[1])
+    return _f64(linear_forward(h.reshape(h.shape[0], -1), p[0], b)), None
+
+
+def _net_layer_backward(spec, h, m, p, gy):
+    """(grad of the layer input, [grads of its params]) on the augmented batch."""
+    kind = spec[0]
+    if kind in ("conv", "subm", "nin", "linear"):
+        no_bias = p[1] is None
+        b = _bias(p[1], p[0].shape[-1])
+    if kind == "conv":
+        f, s, gs = spec[1:]
+        if gs:
+            gx, gw, gb = conv_backward(h, p[0], b, f, s, gy)
+        else:
+            gx, gw, gb = conv_zero_backward(h, m, p[0], b, f, s, gy)
+    elif kind == "subm":
+        f, gs = spec[1:]
+        if gs:
+            gx, g_ground, gw, gb = submanifold_backward(h, m, _corner(h), p[0], b, f, gy)
+            gx = _f64(gx)
+            gx[(-1, slice(None)) + (0,) * (h.ndim - 2)] += g_ground
+        else:
+            gx, gw, gb = submanifold_zero_backward(h, m, p[0], b, f, gy)
+    elif kind in ("maxpool", "avgpool"):
+        f, s, gs = spec[1:]
+        if gs:
+            bwd = maxpool_backward if kind == "maxpool" else avgpool_backward
+            return _f64(bwd(h, f, s, gy)), []
+        bwd = maxpool_zero_backward if kind == "maxpool" else avgpool_zero_backward
+        return _f64(bwd(h, m, f, s, gy)), []
+    elif kind == "nin":
+        bwd = nin_backward if spec[1] else (lambda h, w, b, g: nin_zero_backward(h, m, w, b, g))
+        gx, gw, gb = bwd(h, p[0], b, gy)
+    elif kind == "act":
+        return _f64(_act_bwd(h, spec[1], gy)), []
+    elif kind == "bn":
+        gs, eps, rm, rv = spec[1:]
+        bwd = batchnorm_backward if gs else batchnorm_zero_backward
+        gx, gg, gb = bwd(h, m, p[0], p[1], eps, gy, train=rm is None, running_mean=rm,
+                         running_var=rv)
+        return _f64(gx), [_f64(gg), _f64(gb)]
+    else:  # linear
+        gx, gw, gb = linear_backward(h.reshape(h.shape[0], -1), p[0], b, gy)
+        gx = _f64(gx).reshape(h.shape)
+    return _f64(gx), [_f64(gw), None if no_bias else _f64(gb)]
+
+
+def _net_run(x, mask, ground, layers, params):
+    x64 = _f64(x)
+    _check_features(x64)
+    m = _mask64(mask, x64)
+    g = _f64(ground)
+    if g.shape != (x64.shape[1],):
+        raise ValueError(f"ground shape {g.shape} != (C={x64.shape[1]},)")
+    per_layer = _net_split(layers, params)
+    d = x64.ndim - 2
+    extra = np.broadcast_to(_chan(g, d), (1,) + x64.shape[1:])
+    h = np.concatenate([np.where(m[:, None], x64, _chan(g, d)), extra])
+    m = np.concatenate([m, np.zeros((1,) + m.shape[1:], bool)])
+    trace = []
+    for spec, p in zip(layers, per_layer, strict=True):
+        trace.append((h, m))
+        h, m = _net_layer_forward(spec, h, m, p)
+    return h, m, trace, per_layer
+
+
+def net_forward(x, mask, ground, layers, params):
+    """Forward of a sparse network (layer specs above) on the input whose active sites are
+    mask (B,*N), with features x there (x's other entries are ignored) and ground (C,)
+    elsewhere.
+
+    Returns (y, y_mask, y_ground): the output (B, C', *N') at every site (inactive = its
+    ground), its active mask (B, *N') and its ground (C',); with a final ("linear",) layer
+    (logits (B, n_out), None, None). Results are float64.
+    """
+    h, m, _, _ = _net_run(x, mask, ground, layers, params)
+    if m is None:
+        return h[:-1], None, None
+    return h[:-1], m[:-1], _corner(h)
+
+
+def net_backward(x, mask, ground, layers, params, grad_y):
+    """(grad_x (B,C,*N): the gradient at active sites, 0 elsewhere; grad_ground (C,): the
+    total gradient w.r.t. the input ground; [grad of each param, None for None]) of the loss
+    sum(grad_y * y), y = net_forward(...)[0]."""
+    h, m, trace, per_layer = _net_run(x, mask, ground, layers, params)
+    gy = _f64(grad_y)
+    if gy.shape != h[:-1].shape:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {h[:-1].shape}")
+    g = np.concatenate([gy, np.zeros((1,) + gy.shape[1:])])
+    grads_rev = []
+    for spec, (hi, mi), p in zip(reversed(layers), reversed(trace), reversed(per_layer),
+                                 strict=True):
+        g, gp = _net_layer_backward(spec, hi, mi, p, g)
+        grads_rev.append(gp)
+    grad_params = [gp for layer in reversed(grads_rev) for gp in layer]
+    m_in = trace[0][1] if trace else np.concatenate(
+        [np.asarray(mask, bool), np.zeros((1,) + np.shape(mask)[1:], bool)])
+    inactive = ~m_in[:, None]
+    g_ground = np.where(inactive, g, 0.0).sum(axis=_not_channel_axes(g.ndim))
+    return np.where(inactive[:-1], 0.0, g[:-1]), g_ground, grad_params
+
+
+def net_branch_margin(x, mask, ground, layers, params) -> float:
+    """How close the network's forward comes to a branch point whose side decides a gradient:
+    the smallest relative distance (distance / (1 + max |layer input|)) of an activation's
+    nonzero input to 0, and of a max-pooling window's maximum to its nearest lower candidate
+    (exact ties count as no branch: equal values from one structural source). inf if none.
+
+    Below a dtype's rounding error, a sparse implementation may take the other branch and
+    give another, equally valid, subgradient."""
+    _, _, trace, _ = _net_run(x, mask, ground, layers, params)
+    best = np.inf
+    for spec, (h, m) in zip(layers, trace, strict=True):
+        scale = 1.0 + (np.abs(h).max() if h.size else 0.0)
+        if spec[0] == "act":
+            nz = np.abs(h[h != 0])
+            if nz.size:
+                best = min(best, nz.min() / scale)
+        elif spec[0] == "maxpool":
+            f, s, gs = spec[1:]
+            d = h.ndim - 2
+            out_sp = pooled_shape(h.shape[2:], f, s)
+            v = h if gs else np.where(m[:, None], h, -np.inf)
+            cand = np.stack([v[_window(off, out_sp, s)] for off in window_offsets(f, d)])
+            top = cand.max(axis=0)
+            below = np.where(cand < top, cand, -np.inf).max(axis=0)
+            both = np.isfinite(top) & np.isfinite(below)
+            gap = top[both] - below[both]
+            if gap.size:
+                best = min(best, gap.min() / scale)
+    return float(best)
+
+
+def net_batchnorm_stats(x, mask, ground, layers, params) -> list:
+    """[(n, var (C,), gamma (C,))] for each training-mode batch norm of the network, in
+    order: its number of active input sites and their per-channel (biased) variance.
+
+    A variance far below eps (n >= 2 copies of one value) makes the layer amplify its input's
+    rounding error by up to |gamma| / sqrt(eps): a caller sets its tolerance from this."""
+    _, _, trace, per_layer = _net_run(x, mask, ground, layers, params)
+    out = []
+    for spec, (h, m), p in zip(layers, trace, per_layer, strict=True):
+        if spec[0] == "bn" and spec[3] is None:
+            _, var, n = _bn_stats(h, m, h.ndim - 2, True, None, None)
+            out.append((int(n), var, p[0]))
+    return out

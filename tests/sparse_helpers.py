@@ -59,3 +59,94 @@ def np_(a):
 
 def assert_close(actual, expected, dtype, msg=""):
     np.testing.assert_allclose(np_(actual), expected, err_msg=msg, **tol(dtype))
+
+
+def oracle_net(layers):
+    """(layer specs, param arrays) of library layers (a Sequential or a list) for
+    ref.net_forward / ref.net_backward, in each layer's current mode (ground state, train /
+    eval); the arrays are those of ``parameters()`` order, None for a missing bias. Read it
+    before the forward: a training-mode BatchNorm updates its running statistics."""
+    specs, params = [], []
+    for m in layers:
+        gs = m.ground_state
+        if isinstance(m, scn.Convolution | scn.SubmanifoldConvolution | scn.NetworkInNetwork
+                      | scn.Linear):
+            params += [np_(m.weight.data).copy(), None if m.bias is None else np_(m.bias.data)]
+        if isinstance(m, scn.Convolution):
+            specs.append(("conv", m.filter_size, m.stride, gs))
+        elif isinstance(m, scn.SubmanifoldConvolution):
+            specs.append(("subm", m.filter_size, gs))
+        elif isinstance(m, scn.NetworkInNetwork):
+            specs.append(("nin", gs))
+        elif isinstance(m, scn.Linear):
+            specs.append(("linear",))
+        elif isinstance(m, scn.MaxPooling | scn.AveragePooling):
+            kind = "maxpool" if isinstance(m, scn.MaxPooling) else "avgpool"
+            specs.append((kind, m.pool_size, m.stride, gs))
+        elif isinstance(m, scn.ReLU | scn.LeakyReLU):
+            specs.append(("act", 0.0 if isinstance(m, scn.ReLU) else m.negative_slope))
+        elif isinstance(m, scn.BatchNorm):
+            stats = (None, None) if m.training else (np_(m.running_mean).copy(),
+                                                     np_(m.running_var).copy())
+            specs.append(("bn", gs, m.eps, *stats))
+            params += [np_(m.weight.data).copy(), np_(m.bias.data).copy()]
+        elif isinstance(m, scn.Dropout):
+            if m.training and m.p > 0:
+                raise ValueError("a training-mode Dropout has no dense oracle")
+        elif not isinstance(m, scn.SparseToDense | scn.Flatten):
+            raise TypeError(f"no oracle spec for {type(m).__name__}")
+    return specs, params
+
+
+def oracle_input(x):
+    """(dense features (B, C, *N), active mask (B, *N), ground (C,)) of a SparseTensor."""
+    xd, mask = dense_of(x)
+    return xd, mask, np_(x.ground)
+
+
+def check_net(net, x, rng, close=None):
+    """Run ``net`` (library layers: a Sequential, a DeepCNet, ...) on SparseTensor ``x`` and
+    compare against ref.net_forward / ref.net_backward: the output at every site (and its
+    active set and ground) or the logits, then, for a random upstream gradient, every
+    parameter's gradient and the input's (active features and ground). ``close(actual,
+    expected, what, scale)`` compares (default: assert_close at x's dtype); ``scale`` is the
+    largest magnitude among the arrays of its kind (the outputs, or all the gradients): where
+    a gradient is a cancellation of terms that large, rounding leaves an error of its
+    order. Returns the output."""
+    if close is None:
+        def close(a, e, what, scale):
+            assert_close(a, e, x.dtype, what)
+    layers = list(net.features) + [net.classifier] if hasattr(net, "classifier") else list(net)
+    specs, params = oracle_net(layers)
+    xd, mask, g = oracle_input(x)
+    y_ref, mask_ref, g_ref = ref.net_forward(xd, mask, g, specs, params)
+    y = net(x)
+    if isinstance(y, scn.SparseTensor):
+        _, y_mask = dense_of(y)
+        np.testing.assert_array_equal(y_mask, mask_ref, err_msg="active output sites")
+        yd = y.to_dense()
+    else:
+        yd = y
+    y_scale = _maxabs(y_ref)
+    if isinstance(y, scn.SparseTensor):
+        close(y.ground, g_ref, "output ground", max(y_scale, _maxabs(g_ref)))
+    close(yd.numpy(), y_ref, "forward", y_scale)
+    G = rng.standard_normal(yd.shape).astype(yd.dtype)
+    yd.backward(G)
+    gx, gg, gparams = ref.net_backward(xd, mask, g, specs, params, G)
+    live = [gp for gp, p in zip(gparams, params, strict=True) if p is not None]
+    ps = net.parameters()
+    assert len(ps) == len(live)
+    c = np.asarray(scn.backend.to_device(x.coords, "cpu"))
+    gx = ref.gather_sites(gx, c)
+    g_scale = max(_maxabs(a) for a in [gx, gg, *live])
+    for i, (p, gp) in enumerate(zip(ps, live, strict=True)):
+        close(p.grad, gp, f"param {i} {p.shape}", g_scale)
+    close(x.grad, gx, "input grad at active sites", g_scale)
+    close(x.ground_grad, gg, "input ground grad", g_scale)
+    return y
+
+
+def _maxabs(a):
+    a = np.asarray(a)
+    return float(np.abs(a).max()) if a.size else 0.0

@@ -21,13 +21,13 @@ from tests import dense_reference as ref
 # --------------------------------------------------------------------------
 
 
-def assert_vjp(fwd, args, diff, bwd, seed, h=1e-6, rtol=1e-6):
+def assert_vjp(fwd, args, diff, bwd, seed, h=1e-6, rtol=1e-6, atol=0.0):
     """Check bwd against central differences of fwd.
 
     fwd(*args) -> array; bwd(*args, u) -> tuple of grads, one per index in
     ``diff`` (positions in args).  Each differentiated input is perturbed on
     its own in a random direction v and <(f(a+hv)-f(a-hv))/2h, u> is compared
-    with <v, grad>.
+    with <v, grad> (to ``atol``, the differences' rounding noise, where a gradient is ~0).
     """
     rng = np.random.default_rng(seed)
     args = [np.asarray(a, dtype=np.float64) if i in diff else a for i, a in enumerate(args)]
@@ -49,7 +49,7 @@ def assert_vjp(fwd, args, diff, bwd, seed, h=1e-6, rtol=1e-6):
         lhs = float(np.sum(jv * u))
         rhs = float(np.sum(v * g))
         scale = float(np.sum(np.abs(jv * u)) + np.sum(np.abs(v * g))) + 1e-12
-        assert abs(lhs - rhs) <= rtol * scale, f"input {i}: <Jv,u>={lhs!r} <v,J^T u>={rhs!r}"
+        assert abs(lhs - rhs) <= rtol * scale + atol, f"input {i}: <Jv,u>={lhs!r} <v,J^T u>={rhs!r}"
 
 
 def separated(rng, shape, gap=0.1):
@@ -765,3 +765,281 @@ def test_sequential_with_loss_end_to_end():
         return (gx, *gps)
 
     assert_vjp(loss, [x, *params], list(range(1 + len(params))), grads, seed=31)
+
+
+# --------------------------------------------------------------------------
+# zero-ground semantics (ground_state=False)
+# --------------------------------------------------------------------------
+
+
+def test_window_mask_hand():
+    mask = np.array([[True, False, False, False, False, True]])
+    np.testing.assert_array_equal(ref.window_mask(mask, 2, 2), [[True, False, True]])
+    np.testing.assert_array_equal(ref.window_mask(mask, 3, 1), [[True, False, False, True]])
+    # stride beyond the filter: sites between windows are in none
+    np.testing.assert_array_equal(ref.window_mask(mask[:, 1:5], 1, 3), [[False, False]])
+
+
+def test_conv_zero_1d_hand():
+    # sites 0 and 2 active (1 and 3); the inactive entry (99) is 0 to the layer
+    x = np.array([[[1.0, 99.0, 3.0, 99.0]]])
+    mask = np.array([[True, False, True, False]])
+    w = np.array([2.0, -1.0]).reshape(2, 1, 1)
+    b = np.array([0.5])
+    y = ref.conv_zero_forward(x, mask, w, b, 2, 1)
+    # every window holds an active site: .5 + 2*1 - 0, .5 + 0 - 3, .5 + 2*3 - 0
+    np.testing.assert_allclose(y, [[[2.5, -2.5, 6.5]]])
+    y = ref.conv_zero_forward(x, mask, w, b, 2, 2)
+    np.testing.assert_allclose(y, [[[2.5, 6.5]]])
+    # an output whose window holds no active site is 0: no bias there
+    x = np.array([[[1.0, 99.0, 99.0, 3.0]]])
+    mask = np.array([[True, False, False, True]])
+    np.testing.assert_allclose(ref.conv_zero_forward(x, mask, w, b, 2, 1), [[[2.5, 0.0, -2.5]]])
+    # and gradient arriving there goes nowhere
+    gx, gw, gb = ref.conv_zero_backward(x, mask, w, b, 2, 1, np.array([[[1.0, 5.0, 10.0]]]))
+    np.testing.assert_allclose(gx, [[[2.0, 0.0, 0.0, -10.0]]])
+    np.testing.assert_allclose(gw.ravel(), [1.0, 30.0])
+    np.testing.assert_allclose(gb, [11.0])
+
+
+def test_submanifold_zero_1d_hand():
+    # the hand case of test_submanifold_1d_hand without a ground: inactive and outside = 0
+    mask = np.array([[True, False, False, True, False]])
+    x = np.array([3.0, 2.0, 2.0, 7.0, 2.0]).reshape(1, 1, 5)
+    w = np.array([1.0, 10.0, 100.0]).reshape(3, 1, 1)
+    b = np.array([0.5])
+    y = ref.submanifold_zero_forward(x, mask, w, b, 3)
+    np.testing.assert_allclose(y, [[[30.5, 0.0, 0.0, 70.5, 0.0]]])
+    gx, gw, gb = ref.submanifold_zero_backward(x, mask, w, b, 3, np.array([[[1.0, 5, 5, 2, 5]]]))
+    np.testing.assert_allclose(gx, [[[10.0, 0.0, 0.0, 20.0, 0.0]]])
+    np.testing.assert_allclose(gw.ravel(), [0.0, 3.0 + 14.0, 0.0])
+    np.testing.assert_allclose(gb, [3.0])
+
+
+def test_pooling_zero_1d_hand():
+    x = np.array([[[-5.0, 9.0, -1.0, -2.0, 4.0, 8.0]]])
+    mask = np.array([[True, False, True, True, False, False]])
+    # max over the active sites only (may be negative); no active site: 0
+    np.testing.assert_allclose(ref.maxpool_zero_forward(x, mask, 2, 2), [[[-5.0, -1.0, 0.0]]])
+    gx = ref.maxpool_zero_backward(x, mask, 2, 2, np.array([[[1.0, 2.0, 3.0]]]))
+    np.testing.assert_allclose(gx, [[[1.0, 0.0, 2.0, 0.0, 0.0, 0.0]]])
+    # overlapping windows, ties among active sites go to the first
+    x2 = np.array([[[1.0, 1.0, 0.5]]])
+    m2 = np.ones((1, 3), bool)
+    gx = ref.maxpool_zero_backward(x2, m2, 2, 1, np.array([[[1.0, 2.0]]]))
+    np.testing.assert_allclose(gx, [[[1.0, 2.0, 0.0]]])
+    # average: the whole window's mean, inactive sites counting as 0
+    np.testing.assert_allclose(ref.avgpool_zero_forward(x, mask, 2, 2), [[[-2.5, -1.5, 0.0]]])
+    np.testing.assert_allclose(ref.avgpool_zero_forward(x, mask, 3, 3), [[[-2.0, -2 / 3]]])
+    gx = ref.avgpool_zero_backward(x, mask, 2, 2, np.array([[[1.0, 2.0, 3.0]]]))
+    np.testing.assert_allclose(gx, [[[0.5, 0.0, 1.0, 1.0, 0.0, 0.0]]])
+
+
+def test_nin_and_batchnorm_zero_hand():
+    x = np.array([1.0, 3.0, 100.0, -50.0]).reshape(1, 1, 4)
+    mask = np.array([[True, True, False, False]])
+    y = ref.nin_zero_forward(x, mask, np.array([[2.0, -1.0]]), np.array([1.0, 0.5]))
+    np.testing.assert_allclose(y, [[[3.0, 7.0, 0.0, 0.0], [-0.5, -2.5, 0.0, 0.0]]])
+    gx, gw, gb = ref.nin_zero_backward(x, mask, np.array([[2.0, -1.0]]), np.array([1.0, 0.5]),
+                                       np.ones((1, 2, 4)))
+    np.testing.assert_allclose(gx, [[[1.0, 1.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(gw, [[4.0, 4.0]])
+    np.testing.assert_allclose(gb, [2.0, 2.0])
+    gamma, beta = np.array([2.0]), np.array([1.0])
+    y, mean, var = ref.batchnorm_zero_forward(x, mask, gamma, beta, 0.0, train=True)
+    np.testing.assert_allclose(y, [[[-1.0, 3.0, 0.0, 0.0]]])
+    np.testing.assert_allclose([mean[0], var[0]], [2.0, 1.0])
+    y = ref.batchnorm_zero_forward(x, mask, gamma, beta, 0.0, train=False,
+                                   running_mean=np.array([1.0]), running_var=np.array([4.0]))
+    np.testing.assert_allclose(y, [[[1.0, 3.0, 0.0, 0.0]]])
+    gx, gg, gb = ref.batchnorm_zero_backward(x, mask, gamma, beta, 0.0, np.ones((1, 1, 4)),
+                                             train=False, running_mean=np.array([1.0]),
+                                             running_var=np.array([4.0]))
+    np.testing.assert_allclose(gx, [[[1.0, 1.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(gg, [0.0 + 1.0])
+    np.testing.assert_allclose(gb, [2.0])
+
+
+def _zero_mask(rng, shape, density=0.4):
+    mask = rng.random(shape) < density
+    mask[(0,) * len(shape)] = True
+    return mask
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+def test_conv_zero_vjp(case):
+    d, sp, f, s, cin, cout = case
+    rng = np.random.default_rng(100 + CONV_CASES.index(case))
+    mask = _zero_mask(rng, (2,) + sp)
+    x = rng.standard_normal((2, cin) + sp)
+    w = rng.standard_normal((f**d, cin, cout))
+    b = rng.standard_normal(cout)
+    assert_vjp(lambda x, w, b: ref.conv_zero_forward(x, mask, w, b, f, s), [x, w, b],
+               [0, 1, 2], lambda x, w, b, u: ref.conv_zero_backward(x, mask, w, b, f, s, u),
+               seed=41)
+
+
+@pytest.mark.parametrize("case", SUBMANIFOLD_CASES, ids=submanifold_id)
+def test_submanifold_zero_vjp(case):
+    d, sp, f, cin, cout, density = case
+    rng = np.random.default_rng(42)
+    mask = _zero_mask(rng, (2,) + sp, density)
+    x = rng.standard_normal((2, cin) + sp)
+    w = rng.standard_normal((f**d, cin, cout))
+    b = rng.standard_normal(cout)
+    assert_vjp(lambda x, w, b: ref.submanifold_zero_forward(x, mask, w, b, f), [x, w, b],
+               [0, 1, 2], lambda x, w, b, u: ref.submanifold_zero_backward(x, mask, w, b, f, u),
+               seed=43)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+def test_pooling_zero_vjp(case, kind):
+    d, sp, f, s = case
+    rng = np.random.default_rng(44)
+    mask = _zero_mask(rng, (2,) + sp)
+    x = separated(rng, (2, 2) + sp)
+    fwd = ref.maxpool_zero_forward if kind == "max" else ref.avgpool_zero_forward
+    bwd = ref.maxpool_zero_backward if kind == "max" else ref.avgpool_zero_backward
+    assert_vjp(lambda x: fwd(x, mask, f, s), [x], [0], lambda x, u: bwd(x, mask, f, s, u),
+               seed=45, h=1e-5)
+
+
+@pytest.mark.parametrize("sp", [(5,), (3, 4), (2, 3, 2)], ids=shape_id)
+def test_nin_zero_vjp(sp):
+    rng = np.random.default_rng(46)
+    mask = _zero_mask(rng, (2,) + sp)
+    x = rng.standard_normal((2, 3) + sp)
+    w = rng.standard_normal((3, 4))
+    b = rng.standard_normal(4)
+    assert_vjp(lambda x, w, b: ref.nin_zero_forward(x, mask, w, b), [x, w, b], [0, 1, 2],
+               lambda x, w, b, u: ref.nin_zero_backward(x, mask, w, b, u), seed=47)
+
+
+@pytest.mark.parametrize("sp", [(7,), (4, 5), (3, 3, 3)], ids=shape_id)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batchnorm_zero_vjp(sp, train):
+    rng = np.random.default_rng(48 + len(sp))
+    mask = _zero_mask(rng, (2,) + sp, 0.5)
+    mask[1, (1,) * len(sp)] = True
+    x = rng.standard_normal((2, 3) + sp) * 2 + 1
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    kw = dict(train=train)
+    if not train:
+        kw.update(running_mean=rng.standard_normal(3), running_var=rng.random(3) + 0.5)
+
+    def fwd(x, gamma, beta):
+        out = ref.batchnorm_zero_forward(x, mask, gamma, beta, 1e-3, **kw)
+        return out[0] if train else out
+
+    assert_vjp(fwd, [x, gamma, beta], [0, 1, 2],
+               lambda x, gamma, beta, u: ref.batchnorm_zero_backward(x, mask, gamma, beta,
+                                                                     1e-3, u, **kw), seed=49)
+
+
+# --------------------------------------------------------------------------
+# network oracle (both modes, mask and ground carried along)
+# --------------------------------------------------------------------------
+
+
+def _net_case(rng, d, gs, *, subm=True, bn=True, linear=False):
+    """A small network touching every layer kind, its params and an input."""
+    sp = (14,) * d if d < 3 else (10,) * 3
+    layers = [("act", 0.2), ("conv", 3, 1, gs)]
+    cin, c = 2, 3
+    shapes = [(3**d, cin, c), (c,)]
+    if subm:
+        layers.append(("subm", 3, gs))
+        shapes += [(3**d, c, c), None]
+    layers += [("maxpool", 2, 2, gs), ("act", 0.0), ("nin", not gs), ("act", 0.1)]
+    shapes += [(c, c), (c,)]
+    if bn:
+        layers.append(("bn", gs, 1e-2, None, None))
+        shapes += [(c,), (c,)]
+    layers += [("avgpool", 2, 1, gs), ("conv", 1, 2, gs)]
+    shapes += [(1, c, 2), (2,)]
+    out_sp = (sp[0] - 2) // 2 - 1
+    out_sp = (out_sp - 1) // 2 + 1
+    if linear:
+        layers.append(("linear",))
+        shapes += [(2 * out_sp**d, 4), (4,)]
+    params = [None if sh is None else rng.standard_normal(sh) * 0.7 for sh in shapes]
+    mask = rng.random((2,) + sp) < 0.25
+    if d < 3:   # active sites in a corner only: inactive sites at every layer
+        mask[(slice(None),) + (slice(6, None),) * d] = False
+    mask[0, (1,) * d] = True
+    mask[1, (2,) * d] = True
+    x = rng.standard_normal((2, cin) + sp)
+    ground = rng.standard_normal(cin)
+    return layers, params, x, mask, ground
+
+
+@pytest.mark.parametrize("gs", [True, False], ids=["ground", "zero"])
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_net_oracle_vjp(d, gs):
+    """net_backward against central differences of net_forward: the active features, the
+    input ground (tied to every inactive entry) and every parameter."""
+    rng = np.random.default_rng(50 + d)
+    layers, params, x, mask, ground = _net_case(rng, d, gs, linear=d == 2)
+    assert ref.net_branch_margin(x, mask, ground, layers, params) > 1e-6   # no kink crossed
+    live = [i for i, p in enumerate(params) if p is not None]
+
+    def fwd(x, g, *ps):
+        full = list(params)
+        for i, p in zip(live, ps, strict=True):
+            full[i] = p
+        return ref.net_forward(x, mask, g, layers, full)[0]
+
+    def bwd(x, g, *ps_and_u):
+        *ps, u = ps_and_u
+        full = list(params)
+        for i, p in zip(live, ps, strict=True):
+            full[i] = p
+        gx, gg, gps = ref.net_backward(x, mask, g, layers, full, u)
+        assert all((gp is None) == (p is None) for gp, p in zip(gps, full, strict=True))
+        assert (gx[np.broadcast_to(~mask[:, None], gx.shape)] == 0).all()
+        return (gx, gg, *[gps[i] for i in live])
+
+    args = [x, ground, *[params[i] for i in live]]
+    assert_vjp(fwd, args, list(range(len(args))), bwd, seed=51, h=1e-6, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_net_oracle_ground_mode_is_the_dense_network(d):
+    """Without submanifold convolutions and batch norm, the ground-state network is the plain
+    dense network of the input's dense view: values at every site, and its ground is the
+    value of its inactive sites."""
+    rng = np.random.default_rng(60 + d)
+    layers, params, x, mask, ground = _net_case(rng, d, True, subm=False, bn=False)
+    layers = [("nin", True) if spec == ("nin", False) else spec for spec in layers]
+    dense_layers = [spec[:-1] if spec[0] in ("conv", "maxpool", "avgpool", "nin") else spec
+                    for spec in layers]
+    xd = np.where(mask[:, None], x, ref._chan(ground, d))
+    y, y_mask, y_ground = ref.net_forward(x, mask, ground, layers, params)
+    np.testing.assert_allclose(y, ref.sequential_forward(xd, dense_layers, params))
+    assert not y_mask.all() and y_mask.any()
+    inactive = np.moveaxis(y, 1, -1)[~y_mask]
+    np.testing.assert_allclose(inactive, np.broadcast_to(y_ground, inactive.shape))
+    # and gradients: the dense network's input gradient, split into sites and ground
+    u = rng.standard_normal(y.shape)
+    gx, gg, gps = ref.net_backward(x, mask, ground, layers, params, u)
+    gxd, gpd = ref.sequential_backward(xd, dense_layers, params, u)
+    active, inactive_sum = ref.fold_ground_grad(gxd, mask)
+    np.testing.assert_allclose(gx, active)
+    np.testing.assert_allclose(gg, inactive_sum)
+    for a, b in zip(gps, gpd, strict=True):
+        np.testing.assert_allclose(a, b)
+
+
+def test_net_oracle_zero_mode_ignores_the_input_ground():
+    rng = np.random.default_rng(70)
+    layers, params, x, mask, ground = _net_case(rng, 2, False)
+    layers = [spec for spec in layers if spec[0] != "act" or spec is not layers[0]]
+    y0, m0, g0 = ref.net_forward(x, mask, np.zeros(2), layers, params)
+    y1, m1, g1 = ref.net_forward(x + 50 * ~mask[:, None], mask, ground, layers, params)
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_array_equal(m0, m1)
+    np.testing.assert_array_equal(g0, 0)
+    np.testing.assert_array_equal(np.moveaxis(y1, 1, -1)[~m1], 0)
+    _, gg, _ = ref.net_backward(x, mask, ground, layers, params, rng.standard_normal(y1.shape))
+    np.testing.assert_array_equal(gg, 0)

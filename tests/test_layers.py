@@ -8,9 +8,20 @@ import pytest
 
 import sparsecnn as scn
 from tests import dense_reference as ref
-from tests.sparse_helpers import assert_close, dense_of, np_, random_sparse, split_input_grad
+from tests.sparse_helpers import (
+    assert_close,
+    check_net,
+    dense_of,
+    np_,
+    oracle_input,
+    oracle_net,
+    random_sparse,
+    split_input_grad,
+)
 
 DENSITIES = [0.0, "one", 0.05, 0.3, 1.0]
+# both semantics: the ground state (design.md) and ground_state=False (zero ground)
+MODES = pytest.mark.parametrize("gs", [True, False], ids=["ground", "zero"])
 
 
 def _conv_cases():
@@ -46,51 +57,77 @@ def _check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
     assert_close(x.ground_grad, inactive + extra_ground, dtype, "ground grad")
 
 
+def _check_ground(layer, x, y, gs, dtype):
+    """The output ground (which no inactive site shows when all are active) is the
+    oracle's: the layer's map of the input ground, or 0 in zero-ground mode."""
+    specs, params = oracle_net([layer])
+    _, _, g = ref.net_forward(*oracle_input(x), specs, params)
+    assert_close(y.ground, g, dtype, "output ground")
+    if not gs:
+        np.testing.assert_array_equal(np_(y.ground), 0)
+
+
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("d,f,s,cin,cout", _conv_cases())
-def test_convolution(d, f, s, cin, cout, density, dtype, rng):
+def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng):
     m = {1: 5, 2: 4, 3: 3, 4: 2}[d]
     spatial = (_size(d, f, s, m),) * d
     batch = 2
     x = random_sparse(rng, batch, spatial, cin, density, dtype)
-    conv = scn.Convolution(cin, cout, f, s, dim=d, dtype=dtype)
+    conv = scn.Convolution(cin, cout, f, s, dim=d, dtype=dtype).set_ground_state(gs)
     _set_params(conv, rng, dtype)
     y = conv(x)
-    xd, _ = dense_of(x)
+    xd, in_mask = dense_of(x)
     W, b = conv.weight.data, conv.bias.data
-    expected = ref.conv_forward(xd, W, b, f, s)
+    if gs:
+        expected = ref.conv_forward(xd, W, b, f, s)
+    else:
+        expected = ref.conv_zero_forward(xd, in_mask, W, b, f, s)
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
+    _check_ground(conv, x, y, gs, dtype)
     # active output sites are exactly the windows that hold an active input
-    _, in_mask = dense_of(x)
     win = ref.maxpool_forward(in_mask[:, None].astype(float), f, s)[:, 0] > 0
     _, out_mask = dense_of(y)
     np.testing.assert_array_equal(out_mask, win)
     G = _backprop(y, rng)
-    gx, gW, gb = ref.conv_backward(xd, W, b, f, s, G)
+    if gs:
+        gx, gW, gb = ref.conv_backward(xd, W, b, f, s, G)
+    else:
+        gx, gW, gb = ref.conv_zero_backward(xd, in_mask, W, b, f, s, G)
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
     _check_input_grads(x, gx, dtype)
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("d,f,cin,cout", [(1, 1, 2, 3), (1, 3, 1, 2), (1, 5, 3, 2),
                                           (2, 3, 2, 4), (2, 5, 1, 1), (3, 3, 3, 2),
                                           (4, 3, 2, 2)])
-def test_submanifold_convolution(d, f, cin, cout, density, dtype, rng):
+def test_submanifold_convolution(d, f, cin, cout, density, dtype, gs, rng):
     spatial = {1: (9,), 2: (6, 5), 3: (4, 3, 4), 4: (3, 3, 2, 3)}[d]
     x = random_sparse(rng, 2, spatial, cin, density, dtype)
-    conv = scn.SubmanifoldConvolution(cin, cout, f, dim=d, dtype=dtype)
+    conv = scn.SubmanifoldConvolution(cin, cout, f, dim=d, dtype=dtype).set_ground_state(gs)
     _set_params(conv, rng, dtype)
     y = conv(x)
     assert y.geometry is x.geometry
     xd, mask = dense_of(x)
     g = np_(x.ground)
     W, b = conv.weight.data, conv.bias.data
-    assert_close(y.to_dense().numpy(), ref.submanifold_forward(xd, mask, g, W, b, f), dtype)
+    if gs:
+        expected = ref.submanifold_forward(xd, mask, g, W, b, f)
+    else:
+        expected = ref.submanifold_zero_forward(xd, mask, W, b, f)
+    assert_close(y.to_dense().numpy(), expected, dtype)
+    _check_ground(conv, x, y, gs, dtype)
     G = _backprop(y, rng)
-    gx, g_ground, gW, gb = ref.submanifold_backward(xd, mask, g, W, b, f, G)
+    if gs:
+        gx, g_ground, gW, gb = ref.submanifold_backward(xd, mask, g, W, b, f, G)
+    else:
+        (gx, gW, gb), g_ground = ref.submanifold_zero_backward(xd, mask, W, b, f, G), 0.0
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
     _check_input_grads(x, gx, dtype, extra_ground=g_ground)
@@ -100,49 +137,71 @@ POOL_CASES = [(1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 2), (2, 3, 1), (2, 3, 3), 
               (3, 2, 2), (3, 3, 2)]
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("d,f,s", POOL_CASES)
-def test_pooling(d, f, s, kind, density, dtype, rng):
+def test_pooling(d, f, s, kind, density, dtype, gs, rng):
     m = {1: 5, 2: 4, 3: 3}[d]
     spatial = (_size(d, f, s, m),) * d
     x = random_sparse(rng, 2, spatial, 3, density, dtype)
     layer = (scn.MaxPooling if kind == "max" else scn.AveragePooling)(f, s, dim=d)
+    layer.set_ground_state(gs)
     y = layer(x)
-    xd, _ = dense_of(x)
-    fwd = ref.maxpool_forward if kind == "max" else ref.avgpool_forward
-    bwd = ref.maxpool_backward if kind == "max" else ref.avgpool_backward
+    xd, mask = dense_of(x)
+    if gs:
+        fwd = ref.maxpool_forward if kind == "max" else ref.avgpool_forward
+        bwd = ref.maxpool_backward if kind == "max" else ref.avgpool_backward
+    else:
+        zf = ref.maxpool_zero_forward if kind == "max" else ref.avgpool_zero_forward
+        zb = ref.maxpool_zero_backward if kind == "max" else ref.avgpool_zero_backward
+        fwd = lambda xd, f, s: zf(xd, mask, f, s)  # noqa: E731
+        bwd = lambda xd, f, s, G: zb(xd, mask, f, s, G)  # noqa: E731
     assert_close(y.to_dense().numpy(), fwd(xd, f, s), dtype, "forward")
+    _check_ground(layer, x, y, gs, dtype)
     G = _backprop(y, rng)
     _check_input_grads(x, bwd(xd, f, s, G), dtype)
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", [0.0, "one", 0.2, 1.0])
 @pytest.mark.parametrize("d", [1, 2, 3])
-def test_network_in_network(d, density, dtype, rng):
+def test_network_in_network(d, density, dtype, gs, rng):
     x = random_sparse(rng, 3, (4,) * d, 4, density, dtype)
-    nin = scn.NetworkInNetwork(4, 6, dtype=dtype)
+    nin = scn.NetworkInNetwork(4, 6, dtype=dtype).set_ground_state(gs)
     _set_params(nin, rng, dtype)
     y = nin(x)
-    xd, _ = dense_of(x)
+    xd, mask = dense_of(x)
     W, b = nin.weight.data, nin.bias.data
-    assert_close(y.to_dense().numpy(), ref.nin_forward(xd, W, b), dtype)
+    if gs:
+        expected = ref.nin_forward(xd, W, b)
+    else:
+        expected = ref.nin_zero_forward(xd, mask, W, b)
+    assert_close(y.to_dense().numpy(), expected, dtype)
+    _check_ground(nin, x, y, gs, dtype)
     G = _backprop(y, rng)
-    gx, gW, gb = ref.nin_backward(xd, W, b, G)
+    if gs:
+        gx, gW, gb = ref.nin_backward(xd, W, b, G)
+    else:
+        gx, gW, gb = ref.nin_zero_backward(xd, mask, W, b, G)
     assert_close(nin.weight.grad, gW, dtype)
     assert_close(nin.bias.grad, gb, dtype)
     _check_input_grads(x, gx, dtype)
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("slope", [0.0, 0.01, 1 / 3])
 @pytest.mark.parametrize("d", [1, 2, 3])
-def test_activations(d, slope, dtype, rng):
+def test_activations(d, slope, dtype, gs, rng):
+    """Activations have no mode: they map the ground like the features (in a zero-ground
+    network the ground they get is 0, and stays 0)."""
     x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
-    layer = scn.ReLU() if slope == 0 else scn.LeakyReLU(slope)
+    layer = (scn.ReLU() if slope == 0 else scn.LeakyReLU(slope)).set_ground_state(gs)
     y = layer(x)
+    _check_ground(layer, x, y, True, dtype)
     xd, _ = dense_of(x)
     if slope == 0:
         expected, back = ref.relu_forward(xd), (lambda G: ref.relu_backward(xd, G))
@@ -154,10 +213,11 @@ def test_activations(d, slope, dtype, rng):
     _check_input_grads(x, back(G), dtype)
 
 
+@MODES
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("d,density", [(1, 0.5), (2, "one"), (2, 0.1), (2, 1.0), (3, 0.2)])
-def test_batchnorm(d, density, train, dtype, rng):
+def test_batchnorm(d, density, train, dtype, gs, rng):
     x = random_sparse(rng, 2, (5,) * d, 3, density, dtype)
     if x.n_active < 2 and train:
         x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
@@ -167,20 +227,25 @@ def test_batchnorm(d, density, train, dtype, rng):
     bn.running_mean[:] = rng.standard_normal(3)
     bn.running_var[:] = rng.random(3) + 0.5
     rm0, rv0 = bn.running_mean.copy(), bn.running_var.copy()
-    bn.train(train)
+    bn.train(train).set_ground_state(gs)
+    specs, params = oracle_net([bn])
     y = bn(x)
     xd, mask = dense_of(x)
     kw = dict(train=train, running_mean=rm0, running_var=rv0)
-    out = ref.batchnorm_forward(xd, mask, bn.weight.data, bn.bias.data, bn.eps, **kw)
+    bn_fwd = ref.batchnorm_forward if gs else ref.batchnorm_zero_forward
+    out = bn_fwd(xd, mask, bn.weight.data, bn.bias.data, bn.eps, **kw)
     expected = out[0] if train else out
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
+    _, _, g = ref.net_forward(*oracle_input(x), specs, params)
+    assert_close(y.ground, g, dtype, "output ground")
     if train:
         n = x.n_active
         mean, var = out[1], out[2]
         assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * mean, dtype, "running mean")
         assert_close(bn.running_var, 0.9 * rv0 + 0.1 * var * n / (n - 1), dtype, "running var")
     G = _backprop(y, rng)
-    gx, gg, gb = ref.batchnorm_backward(xd, mask, bn.weight.data, bn.bias.data, bn.eps, G, **kw)
+    bn_bwd = ref.batchnorm_backward if gs else ref.batchnorm_zero_backward
+    gx, gg, gb = bn_bwd(xd, mask, bn.weight.data, bn.bias.data, bn.eps, G, **kw)
     assert_close(bn.weight.grad, gg, dtype)
     assert_close(bn.bias.grad, gb, dtype)
     _check_input_grads(x, gx, dtype)
@@ -250,6 +315,60 @@ def test_ground_state_false_gives_modern_semantics(rng):
     b = conv(x)
     np.testing.assert_allclose(np_(b.features), np_(a.features))   # input ground is 0 here
     np.testing.assert_array_equal(np_(b.ground), 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_dense_in_both_modes(dtype, rng):
+    """SparseToDense has no mode: it shows its input's ground; after a zero-ground layer
+    that ground is 0."""
+    x = random_sparse(rng, 2, (5, 4), 2, 0.3, dtype)
+    xd, mask = dense_of(x)
+    for gs in (True, False):
+        np.testing.assert_array_equal(scn.SparseToDense().set_ground_state(gs)(x).numpy(), xd)
+    nin = scn.NetworkInNetwork(2, 3, dtype=dtype)
+    _set_params(nin, rng, dtype)
+    y = scn.Sequential(nin, scn.SparseToDense()).set_ground_state(False)(x).numpy()
+    assert_close(y, ref.nin_zero_forward(xd, mask, nin.weight.data, nin.bias.data), dtype)
+    assert (np.moveaxis(y, 1, -1)[~mask] == 0).all()
+
+
+def _seq_cases():
+    """Sequentials that reach the fused paths (convolution + max-pooling (pool == stride),
+    + activation; max-pooling + activation) and every layer kind; grounds: 'ground', 'zero'
+    or 'mixed' (alternating layer by layer)."""
+    return {
+        "conv-pool-relu": lambda dt: [
+            scn.Convolution(2, 3, 3, dtype=dt), scn.MaxPooling(2), scn.ReLU(),
+            scn.Convolution(3, 4, 2, 1, dtype=dt), scn.MaxPooling(2, 2),
+            scn.LeakyReLU(1 / 3), scn.NetworkInNetwork(4, 2, dtype=dt)],
+        "conv-pool-no-act": lambda dt: [
+            scn.Convolution(2, 3, 2, 2, dtype=dt), scn.MaxPooling(2), scn.BatchNorm(3, dtype=dt),
+            scn.MaxPooling(3, 1), scn.LeakyReLU(0.01), scn.SparseToDense()],
+        "subm-avg-bn": lambda dt: [
+            scn.SubmanifoldConvolution(2, 3, 3, dtype=dt), scn.LeakyReLU(0.1),
+            scn.BatchNorm(3, dtype=dt), scn.AveragePooling(2, 1),
+            scn.Convolution(3, 3, 3, 2, dtype=dt), scn.ReLU(), scn.MaxPooling(2, 2),
+            scn.SubmanifoldConvolution(3, 2, 1, dtype=dt)],
+    }
+
+
+@pytest.mark.parametrize("grounds", ["ground", "zero", "mixed"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.4, 1.0])
+@pytest.mark.parametrize("case", list(_seq_cases()))
+def test_sequential_both_modes(case, density, dtype, grounds, rng):
+    net = scn.Sequential(*_seq_cases()[case](dtype))
+    for p in net.parameters():
+        p.data = (rng.standard_normal(p.shape) * 0.6).astype(dtype)
+    for i, m in enumerate(net):
+        m.set_ground_state(grounds == "ground" or (grounds == "mixed" and i % 2 == 0))
+        if isinstance(m, scn.BatchNorm):
+            m.running_mean[:] = rng.standard_normal(m.channels)
+            m.running_var[:] = rng.random(m.channels) + 0.5
+            m.eval()
+    n = net.input_size(2)
+    x = random_sparse(rng, 2, (n, n), 2, density, dtype)
+    check_net(net, x, rng)
 
 
 @pytest.mark.parametrize("n", [0, 1, 255, 256, 257, 1000, 44000])

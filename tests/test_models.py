@@ -4,15 +4,35 @@ import pytest
 
 import sparsecnn as scn
 from tests import dense_reference as ref
-from tests.sparse_helpers import assert_close, dense_of, random_sparse, split_input_grad
+from tests.sparse_helpers import assert_close, check_net, dense_of, random_sparse, split_input_grad
+
+DEEP_NETS = [
+    ("DeepCNet", 1, 3, "relu", 2), ("DeepCNet", 2, 4, "vleaky", 2), ("DeepCNet", 3, 2, 0.2, 2),
+    ("DeepCNiN", 2, 3, "leaky", 2), ("DeepCNiN", 1, 2, "vleaky", 1), ("DeepCNet", 1, 2, "relu", 3),
+]
+
+
+@pytest.mark.parametrize("ground", [False, True], ids=["zero-input-ground", "input-ground"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("density", [0.0, "one", 0.03, 0.3])
+@pytest.mark.parametrize("arch,l,k,activation,dim", DEEP_NETS)
+def test_deep_net_zero_ground_mode(arch, l, k, activation, dim, density, dtype, ground, rng):
+    """set_ground_state(False): the zero-ground network against the network oracle, logits
+    and every gradient (an input ground, if any, is ignored: its gradient is 0)."""
+    model = getattr(scn.models, arch)(l, k, in_channels=2, num_classes=5, activation=activation,
+                                      dim=dim, dtype=dtype, seed=1).set_ground_state(False)
+    assert all(not m.ground_state for m in model.modules())
+    for p in model.parameters():  # non-zero biases everywhere
+        p.data = (p.data + 0.1 * rng.standard_normal(p.shape)).astype(dtype)
+    n = model.input_size
+    x = random_sparse(rng, 3, (n,) * dim, 2, density, dtype, ground=ground)
+    check_net(model, x, rng)
+    np.testing.assert_array_equal(x.ground_grad, 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", [0.0, "one", 0.03, 0.3])
-@pytest.mark.parametrize("arch,l,k,activation,dim", [
-    ("DeepCNet", 1, 3, "relu", 2), ("DeepCNet", 2, 4, "vleaky", 2), ("DeepCNet", 3, 2, 0.2, 2),
-    ("DeepCNiN", 2, 3, "leaky", 2), ("DeepCNiN", 1, 2, "vleaky", 1), ("DeepCNet", 1, 2, "relu", 3),
-])
+@pytest.mark.parametrize("arch,l,k,activation,dim", DEEP_NETS)
 def test_deep_net_matches_dense(arch, l, k, activation, dim, density, dtype, rng):
     model = getattr(scn.models, arch)(l, k, in_channels=2, num_classes=5, activation=activation,
                                       dim=dim, dtype=dtype, seed=1)

@@ -41,8 +41,13 @@ KERNEL_NAMES = (
 #: optional fused kernels this backend has
 CAPABILITIES = frozenset({"conv_maxpool_forward"})
 
-__all__ = [*KERNEL_NAMES, *sorted(CAPABILITIES), "KERNEL_NAMES", "CAPABILITIES", "status",
-           "has_cupy", "device_name"]
+__all__ = [
+    "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
+    "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
+    "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "KERNEL_NAMES",
+    "CAPABILITIES", "status", "has_cupy", "device_name",
+]
+assert set(KERNEL_NAMES) | CAPABILITIES <= set(__all__)
 
 _INSTALL = ("install CuPy with `pip install sparsecnn[cuda12]` or `pip install "
             "sparsecnn[cuda13]` (matching your CUDA driver)")
