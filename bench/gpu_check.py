@@ -351,15 +351,25 @@ class Check:
             self.record(name, status="unavailable", seconds=0.0, note=why)
             return
         if self.sim:
-            # no sanitizer for the simulation: run the step itself (its checks against the
-            # CPU), reversed schedule for racecheck as the simulation's race probe
-            extra = {"SPARSECNN_CUDA_SIM_REVERSE": "1"} if name == "racecheck" else {}
-            r = self.step(name, tiny, self.env(**extra),
-                          note="simulation: the tiny step without compute-sanitizer"
-                          + (" (reversed schedule)" if extra else ""))
+            # compute-sanitizer does not apply to the simulation; its stand-ins: memcheck =
+            # the kernels compiled with AddressSanitizer, racecheck = the reversed block and
+            # thread schedule; synccheck/initcheck = the plain step (the simulation itself
+            # refuses divergent barriers)
+            extra, note = {}, "simulation: the tiny step without compute-sanitizer"
+            asan = find_libasan() if name == "memcheck" else None
+            if asan:
+                extra = {"LD_PRELOAD": asan, "ASAN_OPTIONS": "detect_leaks=0",
+                         "SPARSECNN_CUDA_SIM_CXXFLAGS":
+                             "-O1 -g -fsanitize=address -fno-omit-frame-pointer"}
+                note = "simulation: the tiny step, kernels under AddressSanitizer"
+            elif name == "racecheck":
+                extra = {"SPARSECNN_CUDA_SIM_REVERSE": "1"}
+                note += " (reversed schedule)"
+            r = self.step(name, tiny, self.env(**extra), note=note)
             if r.get("status") != "skipped":
-                r["status"] = "ok" if r["rc"] == 0 else ("timeout" if r["timed_out"]
-                                                         else "failed")
+                bad = "ERROR: AddressSanitizer" in tail(Path(r["log"]), 10**6)
+                r["status"] = ("timeout" if r["timed_out"] else
+                               "ok" if r["rc"] == 0 and not bad else "failed")
                 r["tiny_step"] = parse_tiny(r["tail"])
             self.record(name, **r)
             return
@@ -458,6 +468,23 @@ def find_sanitizer() -> str | None:
             c = Path(base) / "bin" / "compute-sanitizer"
             if c.is_file() and os.access(c, os.X_OK):
                 return str(c)
+    return None
+
+
+def find_libasan() -> str | None:
+    """The host compiler's AddressSanitizer runtime (for the simulated memcheck), if any."""
+    from_env = os.environ.get("CXX", "g++").split()[0]
+    for cxx in (from_env, "g++", "clang++"):
+        if not shutil.which(cxx):
+            continue
+        try:
+            r = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True,
+                               text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        p = r.stdout.strip()
+        if r.returncode == 0 and os.path.isabs(p) and os.path.exists(p):
+            return p
     return None
 
 

@@ -306,14 +306,13 @@ def torch_env():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # fp32 throughout, as sparsecnn (TF32 is opt-in there): no TF32 in cuDNN or matmul
-        for name in ("cuda.matmul", "cudnn.conv"):
-            mod = torch.backends
-            for part in name.split("."):
-                mod = getattr(mod, part, None)
-            if mod is not None and hasattr(mod, "fp32_precision"):
-                mod.fp32_precision = "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+            conv.fp32_precision = "ieee"
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     return torch, dev
 
