@@ -193,7 +193,9 @@ class Check:
         """This step's time limit: its own, cut so that the later core steps keep their
         reserve within the budget."""
         names = list(STEPS)
-        later = sum(STEPS[n][1] for n in names[names.index(name) + 1:] if STEPS[n][2])
+        reserves = [STEPS[n][1] for n in names if STEPS[n][2]]
+        scale = min(1.0, self.budget / sum(reserves))  # a small --budget: smaller reserves
+        later = scale * sum(STEPS[n][1] for n in names[names.index(name) + 1:] if STEPS[n][2])
         left = self.budget - self.elapsed() - (later if STEPS[name][2] else 0)
         return min(STEPS[name][0], left)
 
