@@ -117,7 +117,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     active, how = malloc_tuning_status()
     print(f"malloc     {'tuned: ' if active else 'not tuned: '}{how}")
     ok, why = backend.gpu_status()
-    print(f"GPU        {'available' if ok else 'not available: ' + why}")
+    print(f"GPU        {'available: ' + why if ok else 'not available: ' + why}")
+    if ok:
+        from sparsecnn import _gpu
+        print(f"device     cuda = {_gpu.device_name()}; kernels {', '.join(_gpu.KERNEL_NAMES)}"
+              f"; fused {', '.join(sorted(_gpu.CAPABILITIES))}")
     return 0
 
 

@@ -29,6 +29,9 @@ def save(model: Module, path: str | os.PathLike, *, extra: dict[str, np.ndarray]
     states = [m.ground_state for m in model.modules()]
     if not all(states):     # the semantics the model was trained with travel with it
         doc["ground_states"] = states
+    fusion = [m.fuse for m in model.modules() if isinstance(m, Sequential)]
+    if not all(fusion):
+        doc["fusion"] = fusion
     arrays[_SPEC_KEY] = np.frombuffer(json.dumps(doc).encode(), dtype=np.uint8)
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -55,7 +58,10 @@ def build(spec: Any) -> Module:
         layers = args.get("layers")
         if not isinstance(layers, list):
             raise ValueError("Sequential spec needs a list 'layers'")
-        return Sequential(*(build(s) for s in layers))
+        fuse = args.get("fuse", True)
+        if not isinstance(fuse, bool) or set(args) - {"layers", "fuse"}:
+            raise ValueError(f"bad Sequential spec arguments {sorted(args)}")
+        return Sequential(*(build(s) for s in layers), fuse=fuse)
     for k, v in args.items():
         if not isinstance(v, (int, float, str, bool)) or isinstance(v, dict):
             raise ValueError(f"bad argument {k}={v!r:.40} for {kind} in model spec")
@@ -171,6 +177,15 @@ def _apply_ground_states(model: Module, states: Any) -> None:
         m.ground_state = v
 
 
+def _apply_fusion(model: Module, flags: Any) -> None:
+    seqs = [m for m in model.modules() if isinstance(m, Sequential)]
+    if (not isinstance(flags, list) or len(flags) != len(seqs)
+            or not all(isinstance(v, bool) for v in flags)):
+        raise ValueError(f"'fusion' must be a list of {len(seqs)} booleans")
+    for m, v in zip(seqs, flags, strict=True):
+        m.fuse = v
+
+
 def load_file(path: str | os.PathLike) -> tuple[Module, dict[str, np.ndarray], dict[str, Any]]:
     """(model, extra arrays, meta) from a file written by :func:`save`.
 
@@ -206,6 +221,8 @@ def load_file(path: str | os.PathLike) -> tuple[Module, dict[str, np.ndarray], d
         model.load_state_dict(state)
         if "ground_states" in doc:
             _apply_ground_states(model, doc["ground_states"])
+        if "fusion" in doc:
+            _apply_fusion(model, doc["fusion"])
         meta = doc.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError("'meta' in the spec must be a dict")

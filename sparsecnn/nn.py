@@ -145,6 +145,16 @@ class Module:
             m.ground_state = bool(enabled)
         return self
 
+    def set_fusion(self, enabled: bool) -> Module:
+        """Let every Sequential in this module run fused kernels where they apply (the
+        default), or (``False``) run each layer on its own; the results are the same."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be True or False, got {enabled!r}")
+        for m in self.modules():
+            if isinstance(m, Sequential):
+                m.fuse = enabled
+        return self
+
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
@@ -358,11 +368,9 @@ class _PoolBase(Module):
 class MaxPooling(_PoolBase):
     """Max pooling; the ground state is a candidate in windows with inactive sites."""
 
-    def forward(self, x: SparseTensor, negative_slope: float | None = None) -> SparseTensor:
-        """``negative_slope``: fuse a following (leaky) ReLU (see F.max_pooling)."""
+    def forward(self, x: SparseTensor) -> SparseTensor:
         _check_input_dim(self, x)
-        return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state,
-                             negative_slope=negative_slope)
+        return F.max_pooling(x, self.pool_size, self.stride, ground_state=self.ground_state)
 
 
 @_register
@@ -577,25 +585,50 @@ def fusion_at(layers: list[Module], i: int) -> tuple[str | None, int, float | No
 
 @_register
 class Sequential(Module):
-    """Layers applied in order; ``input_size`` chains the layers' size rules backwards."""
+    """Layers applied in order; ``input_size`` chains the layers' size rules backwards.
 
-    def __init__(self, *layers: Module) -> None:
+    Fusion: where a fused kernel gives the same values and gradients as consecutive layers
+    (:func:`fusion_at`: a Convolution and a MaxPooling whose windows partition its output,
+    with a following ReLU/LeakyReLU; a MaxPooling and a following activation), the forward
+    runs it instead, after every check of the layers it replaces. The groups are
+    :meth:`fusion_plan`; they show in ``repr`` and in ``sparsecnn.stats`` (and ``sparsecnn
+    demo``). ``fuse=False`` (or :meth:`Module.set_fusion`) runs every layer on its own.
+    """
+
+    def __init__(self, *layers: Module, fuse: bool = True) -> None:
         for i, m in enumerate(layers):
             if not isinstance(m, Module):
                 raise TypeError(f"Sequential: layer {i} is a {type(m).__name__}, not a Module")
+        if not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be True or False, got {fuse!r}")
         self.layers = list(layers)
+        self.fuse = fuse
+        self._plan: tuple[tuple, list] | None = None
+
+    def fusion_plan(self) -> list[tuple[str | None, int, int, float | None]]:
+        """The groups the forward runs: (kind, start, stop, fused slope) for ``layers[start:
+        stop]``, kind ``"conv+maxpool"``, ``"maxpool+act"`` or None (one layer alone).
+        Worked out once per list of layers (and again when the list or ``fuse`` changes)."""
+        key = (self.fuse, tuple(map(id, self.layers)))
+        if self._plan is None or self._plan[0] != key:
+            plan, i = [], 0
+            while i < len(self.layers):
+                kind, n, slope = fusion_at(self.layers, i) if self.fuse else (None, 1, None)
+                plan.append((kind, i, i + n, slope))
+                i += n
+            self._plan = (key, plan)
+        return self._plan[1]
 
     def forward(self, x: Any) -> Any:
-        layers, i = self.layers, 0
-        while i < len(layers):
-            kind, n, slope = fusion_at(layers, i)
-            m = layers[i]
+        layers = self.layers
+        for kind, start, _, slope in self.fusion_plan():
+            m = layers[start]
             if kind == "conv+maxpool":
                 # one kernel computes the convolution's rows window by window and pools
                 # them: its output never goes to memory (same values and gradients); a
                 # following activation runs in it too. Every check of the layers it
                 # replaces runs first.
-                pool = layers[i + 1]
+                pool = layers[start + 1]
                 m._check_parameters()
                 m._check_dim(x)
                 _check_input_dim(pool, x)
@@ -606,10 +639,11 @@ class Sequential(Module):
             elif kind == "maxpool+act":
                 # the activation runs inside the pooling kernel: same values and gradients,
                 # one pass over the features fewer
-                x = m.forward(x, negative_slope=slope)
+                _check_input_dim(m, x)
+                x = F.max_pooling(x, m.pool_size, m.stride, ground_state=m.ground_state,
+                                  negative_slope=slope)
             else:
                 x = m(x)
-            i += n
         return x
 
     def __getitem__(self, i: int) -> Module:
@@ -631,8 +665,17 @@ class Sequential(Module):
         return output_size
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "Sequential", "layers": [m.spec() for m in self.layers]}
+        out = {"type": "Sequential", "layers": [m.spec() for m in self.layers]}
+        if not self.fuse:
+            out["fuse"] = False
+        return out
 
     def __repr__(self) -> str:
-        inner = "\n".join(f"  ({i}): {m!r}" for i, m in enumerate(self.layers))
-        return f"Sequential(\n{inner}\n)"
+        lines = []
+        for kind, start, stop, _ in self.fusion_plan():
+            group = "+".join(type(m).__name__ for m in self.layers[start:stop])
+            for i in range(start, stop):
+                tag = f"   <- fused {group} ({start}-{stop - 1})" if kind else ""
+                lines.append(f"  ({i}): {self.layers[i]!r}{tag}")
+        head = "Sequential(fuse=False," if not self.fuse else "Sequential("
+        return head + "\n" + "\n".join(lines) + "\n)"

@@ -82,7 +82,9 @@ def layer_stats(model: Module, x: SparseTensor) -> list[LayerStats]:
 
     ``model`` is a Sequential of sparse layers or a model with a ``features`` Sequential
     (DeepCNet, DeepCNiN). Row 0 describes the input. The pass runs in eval mode (no
-    dropout, no batch-statistics update), so it leaves the model's state untouched.
+    dropout, no batch-statistics update), so it leaves the model's state untouched. Layers
+    that the forward runs as one fused kernel are marked ``[fused first-last]`` (layer
+    indices from 0, as in the Sequential's repr).
     """
     body = model if isinstance(model, Sequential) else getattr(model, "features", None)
     if not isinstance(body, Sequential):
@@ -91,14 +93,17 @@ def layer_stats(model: Module, x: SparseTensor) -> list[LayerStats]:
                        x.batch_size * int(np.prod(x.spatial_shape)), 0, 0)]
     was_training = model.training
     model.eval()
+    fused = {i: f"fused {start}-{stop - 1}" for kind, start, stop, _ in body.fusion_plan()
+             if kind for i in range(start, stop)}
     with no_grad():
         h = x
         for i, layer in enumerate(body, 1):
-            y = layer(h)
+            y = layer(h)      # layer by layer, for every intermediate size
             if not isinstance(y, SparseTensor):
                 break
             sp, de = _macs(layer, h, y)
-            rows.append(LayerStats(i, short_name(layer), y.spatial_shape, y.channels, y.n_active,
+            name = short_name(layer) + (f" [{fused[i - 1]}]" if i - 1 in fused else "")
+            rows.append(LayerStats(i, name, y.spatial_shape, y.channels, y.n_active,
                                    y.batch_size * int(np.prod(y.spatial_shape)), sp, de))
             h = y
     model.train(was_training)
@@ -114,16 +119,18 @@ def format_table(rows: list[LayerStats]) -> str:
     """Plain-text table: size, active sites, % active, multiply-adds sparse vs dense."""
     head = (f"{'#':>2}  {'layer':<30} {'size':>9} {'C':>4} {'active':>9} {'% active':>8} "
             f"{'MACs sparse':>13} {'MACs dense':>13} {'ratio':>6}")
+    width = max([30] + [len(r.layer) for r in rows])
+    head = head.replace(f"{'layer':<30}", f"{'layer':<{width}}")
     lines = [head, "-" * len(head)]
     for r in rows:
         size = "x".join(str(n) for n in r.spatial_shape)
         ratio = f"{r.macs_dense / r.macs_sparse:6.1f}" if r.macs_sparse else "     -"
-        name = r.layer[:30]
-        lines.append(f"{r.index:>2}  {name:<30} {size:>9} {r.channels:>4} {r.active_sites:>9,} "
-                     f"{100 * r.density:>7.2f}% {r.macs_sparse:>13,} {r.macs_dense:>13,} {ratio}")
+        lines.append(f"{r.index:>2}  {r.layer:<{width}} {size:>9} {r.channels:>4} "
+                     f"{r.active_sites:>9,} {100 * r.density:>7.2f}% {r.macs_sparse:>13,} "
+                     f"{r.macs_dense:>13,} {ratio}")
     sp, de = total_macs(rows)
     lines.append("-" * len(head))
     ratio = f"{de / sp:6.1f}" if sp else "     -"
-    lines.append(f"{'':>2}  {'total':<30} {'':>9} {'':>4} {'':>9} {'':>8} {sp:>13,} {de:>13,} "
+    lines.append(f"{'':>2}  {'total':<{width}} {'':>9} {'':>4} {'':>9} {'':>8} {sp:>13,} {de:>13,} "
                  f"{ratio}")
     return "\n".join(lines)

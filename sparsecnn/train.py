@@ -211,7 +211,9 @@ def load_checkpoint(path: str | os.PathLike, model: Module, opt: optim.SGD,
 def _logits(model: Module, data: StrokeDataset, *, batch_size: int, tta: int,
             augment: dict | bool, features: str, signature_depth: int, scale: int | None,
             seed: int, device: str, progress: bool = False) -> np.ndarray:
-    """Mean over tta passes of the logits of every sample (in dataset order)."""
+    """Mean over tta passes of the logits of every sample (in dataset order); the model is
+    moved to ``device`` first (as fit does)."""
+    model.to(backend.require_device(device))
     size = _input_size(model)
     was_training = model.training
     model.eval()

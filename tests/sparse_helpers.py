@@ -27,12 +27,16 @@ def random_sites(rng, batch, spatial, density):
 
 def random_sparse(rng, batch, spatial, channels, density, dtype=np.float64, ground=True,
                   requires_grad=True, device="cpu"):
+    """A random SparseTensor; on a device it is built there from device arrays (a leaf, so
+    its .grad is filled)."""
     coords = random_sites(rng, batch, spatial, density)
     feats = rng.standard_normal((len(coords), channels)).astype(dtype)
     g = rng.standard_normal(channels).astype(dtype) if ground else None
-    x = scn.SparseTensor(coords, feats, spatial, batch_size=batch, ground=g,
-                         requires_grad=requires_grad)
-    return x.to(device) if device != "cpu" else x
+    if device != "cpu":
+        coords, feats = (scn.backend.to_device(a, device) for a in (coords, feats))
+        g = None if g is None else scn.backend.to_device(g, device)
+    return scn.SparseTensor(coords, feats, spatial, batch_size=batch, ground=g,
+                            requires_grad=requires_grad)
 
 
 def dense_of(x):

@@ -7,7 +7,7 @@ import pytest
 
 import sparsecnn as scn
 from sparsecnn.autograd import Parameter, is_grad_enabled, no_grad
-from tests.sparse_helpers import random_sites, random_sparse
+from tests.sparse_helpers import np_, random_sites, random_sparse
 
 
 def _set_params(model, rng, scale=0.5):
@@ -35,32 +35,32 @@ def _loss(net, x, G):
     return (net(x).to_dense() * scn.Tensor(G)).sum()
 
 
-def test_gradients_accumulate_over_two_backward_calls(rng):
-    net = small_net(rng)
-    x = random_sparse(rng, 2, (8, 8), 2, 0.3, requires_grad=True)
-    G = rng.standard_normal((2, 2, 3, 3))
+def test_gradients_accumulate_over_two_backward_calls(rng, device):
+    net = small_net(rng).to(device)
+    x = random_sparse(rng, 2, (8, 8), 2, 0.3, requires_grad=True, device=device)
+    G = scn.backend.to_device(rng.standard_normal((2, 2, 3, 3)), device)
     _loss(net, x, G).backward()
-    first = [p.grad.copy() for p in net.parameters()]
-    gx, gg = x.grad.copy(), x.ground_grad.copy()
+    first = [np_(p.grad).copy() for p in net.parameters()]
+    gx, gg = np_(x.grad).copy(), np_(x.ground_grad).copy()
     assert all(np.abs(g).max() > 0 for g in first)
     # a second forward and backward adds the same again
     _loss(net, x, G).backward()
     for p, g in zip(net.parameters(), first, strict=True):
-        np.testing.assert_allclose(p.grad, 2 * g, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(x.grad, 2 * gx, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(x.ground_grad, 2 * gg, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np_(p.grad), 2 * g, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np_(x.grad), 2 * gx, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np_(x.ground_grad), 2 * gg, rtol=1e-12, atol=1e-14)
     # the same graph walked twice adds once more
     loss = _loss(net, x, G)
     loss.backward()
     loss.backward()
     for p, g in zip(net.parameters(), first, strict=True):
-        np.testing.assert_allclose(p.grad, 4 * g, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np_(p.grad), 4 * g, rtol=1e-12, atol=1e-14)
     # zero_grad clears
     net.zero_grad()
-    assert all(p.grad is None for p in net.parameters())
+    assert all(np_(p.grad) is None for p in net.parameters())
     _loss(net, x, G).backward()
     for p, g in zip(net.parameters(), first, strict=True):
-        np.testing.assert_allclose(p.grad, g, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(np_(p.grad), g, rtol=1e-12, atol=1e-14)
 
 
 def test_backward_with_grad_scales_linearly(rng):
@@ -150,7 +150,7 @@ def test_no_grad_is_per_thread():
 # shared parameters
 
 
-def test_sequential_applied_twice_sums_both_gradients(rng):
+def test_sequential_applied_twice_sums_both_gradients(rng, device):
     """net(net(x)) with one set of weights == two copies with the same weights, summed."""
     def make():
         net = scn.Sequential(scn.SubmanifoldConvolution(2, 2, 3, dtype=np.float64),
@@ -162,20 +162,23 @@ def test_sequential_applied_twice_sums_both_gradients(rng):
     a, b = make(), make()
     a.load_state_dict(shared.state_dict())
     b.load_state_dict(shared.state_dict())
-    x = random_sparse(rng, 2, (6, 6), 2, 0.4, requires_grad=True)
+    for m in (shared, a, b):
+        m.to(device)
+    x = random_sparse(rng, 2, (6, 6), 2, 0.4, requires_grad=True, device=device)
     G = rng.standard_normal((2, 2, 6, 6))
     ys = shared(shared(x)).to_dense()
-    ys.backward(G)
-    gx_shared, gg_shared = x.grad.copy(), x.ground_grad.copy()
+    ys.backward(scn.backend.to_device(G, device))
+    gx_shared, gg_shared = np_(x.grad).copy(), np_(x.ground_grad).copy()
     x.grad = x.ground_grad = None
     yab = b(a(x)).to_dense()
     np.testing.assert_allclose(ys.numpy(), yab.numpy(), rtol=1e-12, atol=1e-13)
-    yab.backward(G)
+    yab.backward(scn.backend.to_device(G, device))
     for ps, pa, pb in zip(shared.parameters(), a.parameters(), b.parameters(), strict=True):
-        assert np.abs(pa.grad).max() > 0 and np.abs(pb.grad).max() > 0
-        np.testing.assert_allclose(ps.grad, pa.grad + pb.grad, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gx_shared, x.grad, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(gg_shared, x.ground_grad, rtol=1e-10, atol=1e-12)
+        assert np.abs(np_(pa.grad)).max() > 0 and np.abs(np_(pb.grad)).max() > 0
+        np.testing.assert_allclose(np_(ps.grad), np_(pa.grad) + np_(pb.grad), rtol=1e-10,
+                                   atol=1e-12)
+    np.testing.assert_allclose(gx_shared, np_(x.grad), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gg_shared, np_(x.ground_grad), rtol=1e-10, atol=1e-12)
 
 
 def test_layer_twice_in_one_sequential(rng):

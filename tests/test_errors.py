@@ -446,7 +446,8 @@ needs_no_cupy = pytest.mark.skipif(has_cupy(), reason="CuPy is installed here")
 
 @needs_no_cupy
 @pytest.mark.parametrize("device", ["cuda", "gpu", "cuda:0"])
-def test_cuda_without_cupy_says_what_to_install(device):
+def test_cuda_without_cupy_says_what_to_install(device, monkeypatch):
+    monkeypatch.delenv("SPARSECNN_CUDA_SIM", raising=False)
     with pytest.raises(backend.GPUUnavailableError, match=r"pip install sparsecnn\[cuda12\]"):
         sparse().to(device)
     for model in (scn.Convolution(1, 2, 3), scn.models.DeepCNet(1, 2),
@@ -458,7 +459,8 @@ def test_cuda_without_cupy_says_what_to_install(device):
 
 
 @needs_no_cupy
-def test_cuda_without_cupy_is_a_value_error():
+def test_cuda_without_cupy_is_a_value_error(monkeypatch):
+    monkeypatch.delenv("SPARSECNN_CUDA_SIM", raising=False)
     with pytest.raises((ValueError, TypeError)):
         sparse().to("cuda")
 

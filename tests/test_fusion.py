@@ -216,3 +216,70 @@ def test_sequential_fuses_conv_and_pool(rng):
         res.append([p.grad.copy() for p in net.parameters()] + [x.grad, x.ground_grad])
     for g1, g2 in zip(*res, strict=True):
         np.testing.assert_allclose(g1, g2, **tol(np.float32))
+
+
+# -- fusion is an explicit, visible step ---------------------------------------------------------
+def _fusable_net(dtype=np.float64):
+    return scn.Sequential(scn.Convolution(1, 3, 3, dtype=dtype, seed=0), scn.MaxPooling(2),
+                          scn.ReLU(), scn.Convolution(3, 4, 2, dtype=dtype, seed=1),
+                          scn.MaxPooling(3, 1), scn.LeakyReLU(0.2), scn.SparseToDense())
+
+
+def test_fusion_plan_repr_and_stats_show_the_fused_groups(rng):
+    net = _fusable_net()
+    assert net.fusion_plan() == [("conv+maxpool", 0, 3, 0.0), (None, 3, 4, None),
+                                 ("maxpool+act", 4, 6, 0.2), (None, 6, 7, None)]
+    text = repr(net)
+    assert text.count("<- fused Convolution+MaxPooling+ReLU (0-2)") == 3
+    assert text.count("<- fused MaxPooling+LeakyReLU (4-5)") == 2
+    assert "(3): Convolution" in text and "(3): Convolution(in_channels=3, out_channels=4, " \
+        "filter_size=2, stride=1, dim=2, bias=True)\n" in text
+    n = net.input_size(3)
+    x = random_sparse(rng, 2, (n, n), 1, 0.2, np.float64)
+    names = [r.layer for r in scn.stats.layer_stats(net, x)]
+    assert names[1:4] == ["Convolution 3/1 1->3 [fused 0-2]", "MaxPooling 2/2 [fused 0-2]",
+                          "ReLU [fused 0-2]"]
+    assert names[4] == "Convolution 2/1 3->4" and names[5].endswith("[fused 4-5]")
+    net.set_fusion(False)
+    assert all(kind is None for kind, *_ in net.fusion_plan())
+    assert "fused" not in repr(net) and repr(net).startswith("Sequential(fuse=False,")
+
+
+def test_fusion_can_be_turned_off_with_the_same_results(rng, monkeypatch):
+    fused, plain = _fusable_net(), _fusable_net()
+    n = fused.input_size(3)
+    x = random_sparse(rng, 2, (n, n), 1, 0.3, np.float64)
+    plain.set_fusion(False)
+    G = rng.standard_normal((2, 4, 3, 3))
+    outs = []
+    for net in (fused, plain):
+        x.grad = x.ground_grad = None
+        y = net(x)
+        y.backward(G)
+        outs.append([y.numpy(), x.grad, x.ground_grad] + [p.grad for p in net.parameters()])
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # turned off, the fused kernels are not used at all
+    def boom(*a, **k):
+        raise AssertionError("fused kernel called")
+    monkeypatch.setattr(F, "convolution_max_pooling", boom)
+    plain(x)
+    with pytest.raises(AssertionError, match="fused kernel called"):
+        fused(x)
+
+
+def test_fusion_setting_is_saved_and_the_plan_follows_the_layers(tmp_path):
+    model = scn.models.DeepCNet(2, 4).set_fusion(False)
+    scn.save(model, tmp_path / "m.npz")
+    assert not scn.load(tmp_path / "m.npz").features.fuse
+    seq = scn.Sequential(scn.Convolution(1, 2, 2), fuse=False)
+    assert scn.io.build(seq.spec()).fuse is False
+    seq = scn.Sequential(scn.Convolution(1, 2, 2))
+    assert seq.fusion_plan() == [(None, 0, 1, None)]
+    seq.append(scn.MaxPooling(2))
+    assert seq.fusion_plan() == [("conv+maxpool", 0, 2, None)]
+    with pytest.raises(TypeError, match=r"fuse must be True or False"):
+        scn.Sequential(fuse=1)
+    # MaxPooling.forward has no fusion-only argument any more
+    import inspect
+    assert list(inspect.signature(scn.MaxPooling.forward).parameters) == ["self", "x"]

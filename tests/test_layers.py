@@ -60,6 +60,7 @@ def _check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
 def _check_ground(layer, x, y, gs, dtype):
     """The output ground (which no inactive site shows when all are active) is the
     oracle's: the layer's map of the input ground, or 0 in zero-ground mode."""
+    assert y.device == x.device       # a layer's output stays on its input's device
     specs, params = oracle_net([layer])
     _, _, g = ref.net_forward(*oracle_input(x), specs, params)
     assert_close(y.ground, g, dtype, "output ground")
@@ -71,16 +72,17 @@ def _check_ground(layer, x, y, gs, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("d,f,s,cin,cout", _conv_cases())
-def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng):
+def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng, device):
     m = {1: 5, 2: 4, 3: 3, 4: 2}[d]
     spatial = (_size(d, f, s, m),) * d
     batch = 2
-    x = random_sparse(rng, batch, spatial, cin, density, dtype)
+    x = random_sparse(rng, batch, spatial, cin, density, dtype, device=device)
     conv = scn.Convolution(cin, cout, f, s, dim=d, dtype=dtype).set_ground_state(gs)
     _set_params(conv, rng, dtype)
+    conv.to(device)
     y = conv(x)
     xd, in_mask = dense_of(x)
-    W, b = conv.weight.data, conv.bias.data
+    W, b = np_(conv.weight.data), np_(conv.bias.data)
     if gs:
         expected = ref.conv_forward(xd, W, b, f, s)
     else:
@@ -107,16 +109,17 @@ def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng):
 @pytest.mark.parametrize("d,f,cin,cout", [(1, 1, 2, 3), (1, 3, 1, 2), (1, 5, 3, 2),
                                           (2, 3, 2, 4), (2, 5, 1, 1), (3, 3, 3, 2),
                                           (4, 3, 2, 2)])
-def test_submanifold_convolution(d, f, cin, cout, density, dtype, gs, rng):
+def test_submanifold_convolution(d, f, cin, cout, density, dtype, gs, rng, device):
     spatial = {1: (9,), 2: (6, 5), 3: (4, 3, 4), 4: (3, 3, 2, 3)}[d]
-    x = random_sparse(rng, 2, spatial, cin, density, dtype)
+    x = random_sparse(rng, 2, spatial, cin, density, dtype, device=device)
     conv = scn.SubmanifoldConvolution(cin, cout, f, dim=d, dtype=dtype).set_ground_state(gs)
     _set_params(conv, rng, dtype)
+    conv.to(device)
     y = conv(x)
     assert y.geometry is x.geometry
     xd, mask = dense_of(x)
     g = np_(x.ground)
-    W, b = conv.weight.data, conv.bias.data
+    W, b = np_(conv.weight.data), np_(conv.bias.data)
     if gs:
         expected = ref.submanifold_forward(xd, mask, g, W, b, f)
     else:
@@ -142,10 +145,10 @@ POOL_CASES = [(1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 2), (2, 3, 1), (2, 3, 3), 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("kind", ["max", "avg"])
 @pytest.mark.parametrize("d,f,s", POOL_CASES)
-def test_pooling(d, f, s, kind, density, dtype, gs, rng):
+def test_pooling(d, f, s, kind, density, dtype, gs, rng, device):
     m = {1: 5, 2: 4, 3: 3}[d]
     spatial = (_size(d, f, s, m),) * d
-    x = random_sparse(rng, 2, spatial, 3, density, dtype)
+    x = random_sparse(rng, 2, spatial, 3, density, dtype, device=device)
     layer = (scn.MaxPooling if kind == "max" else scn.AveragePooling)(f, s, dim=d)
     layer.set_ground_state(gs)
     y = layer(x)
@@ -168,13 +171,14 @@ def test_pooling(d, f, s, kind, density, dtype, gs, rng):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", [0.0, "one", 0.2, 1.0])
 @pytest.mark.parametrize("d", [1, 2, 3])
-def test_network_in_network(d, density, dtype, gs, rng):
-    x = random_sparse(rng, 3, (4,) * d, 4, density, dtype)
+def test_network_in_network(d, density, dtype, gs, rng, device):
+    x = random_sparse(rng, 3, (4,) * d, 4, density, dtype, device=device)
     nin = scn.NetworkInNetwork(4, 6, dtype=dtype).set_ground_state(gs)
     _set_params(nin, rng, dtype)
+    nin.to(device)
     y = nin(x)
     xd, mask = dense_of(x)
-    W, b = nin.weight.data, nin.bias.data
+    W, b = np_(nin.weight.data), np_(nin.bias.data)
     if gs:
         expected = ref.nin_forward(xd, W, b)
     else:
@@ -195,10 +199,10 @@ def test_network_in_network(d, density, dtype, gs, rng):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("slope", [0.0, 0.01, 1 / 3])
 @pytest.mark.parametrize("d", [1, 2, 3])
-def test_activations(d, slope, dtype, gs, rng):
+def test_activations(d, slope, dtype, gs, rng, device):
     """Activations have no mode: they map the ground like the features (in a zero-ground
     network the ground they get is 0, and stays 0)."""
-    x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
+    x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype, device=device)
     layer = (scn.ReLU() if slope == 0 else scn.LeakyReLU(slope)).set_ground_state(gs)
     y = layer(x)
     _check_ground(layer, x, y, True, dtype)
@@ -217,23 +221,24 @@ def test_activations(d, slope, dtype, gs, rng):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("d,density", [(1, 0.5), (2, "one"), (2, 0.1), (2, 1.0), (3, 0.2)])
-def test_batchnorm(d, density, train, dtype, gs, rng):
-    x = random_sparse(rng, 2, (5,) * d, 3, density, dtype)
+def test_batchnorm(d, density, train, dtype, gs, rng, device):
+    x = random_sparse(rng, 2, (5,) * d, 3, density, dtype, device=device)
     if x.n_active < 2 and train:
-        x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype)
+        x = random_sparse(rng, 2, (5,) * d, 3, 0.3, dtype, device=device)
     bn = scn.BatchNorm(3, dtype=dtype)
     bn.weight.data = rng.standard_normal(3).astype(dtype)
     bn.bias.data = rng.standard_normal(3).astype(dtype)
     bn.running_mean[:] = rng.standard_normal(3)
     bn.running_var[:] = rng.random(3) + 0.5
     rm0, rv0 = bn.running_mean.copy(), bn.running_var.copy()
-    bn.train(train).set_ground_state(gs)
+    bn.train(train).set_ground_state(gs).to(device)
     specs, params = oracle_net([bn])
     y = bn(x)
     xd, mask = dense_of(x)
     kw = dict(train=train, running_mean=rm0, running_var=rv0)
     bn_fwd = ref.batchnorm_forward if gs else ref.batchnorm_zero_forward
-    out = bn_fwd(xd, mask, bn.weight.data, bn.bias.data, bn.eps, **kw)
+    gamma, beta = np_(bn.weight.data), np_(bn.bias.data)
+    out = bn_fwd(xd, mask, gamma, beta, bn.eps, **kw)
     expected = out[0] if train else out
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
     _, _, g = ref.net_forward(*oracle_input(x), specs, params)
@@ -245,7 +250,7 @@ def test_batchnorm(d, density, train, dtype, gs, rng):
         assert_close(bn.running_var, 0.9 * rv0 + 0.1 * var * n / (n - 1), dtype, "running var")
     G = _backprop(y, rng)
     bn_bwd = ref.batchnorm_backward if gs else ref.batchnorm_zero_backward
-    gx, gg, gb = bn_bwd(xd, mask, bn.weight.data, bn.bias.data, bn.eps, G, **kw)
+    gx, gg, gb = bn_bwd(xd, mask, gamma, beta, bn.eps, G, **kw)
     assert_close(bn.weight.grad, gg, dtype)
     assert_close(bn.bias.grad, gb, dtype)
     _check_input_grads(x, gx, dtype)
@@ -356,7 +361,7 @@ def _seq_cases():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", [0.0, 0.05, 0.4, 1.0])
 @pytest.mark.parametrize("case", list(_seq_cases()))
-def test_sequential_both_modes(case, density, dtype, grounds, rng):
+def test_sequential_both_modes(case, density, dtype, grounds, rng, device):
     net = scn.Sequential(*_seq_cases()[case](dtype))
     for p in net.parameters():
         p.data = (rng.standard_normal(p.shape) * 0.6).astype(dtype)
@@ -366,8 +371,9 @@ def test_sequential_both_modes(case, density, dtype, grounds, rng):
             m.running_mean[:] = rng.standard_normal(m.channels)
             m.running_var[:] = rng.random(m.channels) + 0.5
             m.eval()
+    net.to(device)
     n = net.input_size(2)
-    x = random_sparse(rng, 2, (n, n), 2, density, dtype)
+    x = random_sparse(rng, 2, (n, n), 2, density, dtype, device=device)
     check_net(net, x, rng)
 
 

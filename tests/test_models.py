@@ -4,7 +4,14 @@ import pytest
 
 import sparsecnn as scn
 from tests import dense_reference as ref
-from tests.sparse_helpers import assert_close, check_net, dense_of, random_sparse, split_input_grad
+from tests.sparse_helpers import (
+    assert_close,
+    check_net,
+    dense_of,
+    np_,
+    random_sparse,
+    split_input_grad,
+)
 
 DEEP_NETS = [
     ("DeepCNet", 1, 3, "relu", 2), ("DeepCNet", 2, 4, "vleaky", 2), ("DeepCNet", 3, 2, 0.2, 2),
@@ -16,7 +23,8 @@ DEEP_NETS = [
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("density", [0.0, "one", 0.03, 0.3])
 @pytest.mark.parametrize("arch,l,k,activation,dim", DEEP_NETS)
-def test_deep_net_zero_ground_mode(arch, l, k, activation, dim, density, dtype, ground, rng):
+def test_deep_net_zero_ground_mode(arch, l, k, activation, dim, density, dtype, ground, rng,
+                                   device):
     """set_ground_state(False): the zero-ground network against the network oracle, logits
     and every gradient (an input ground, if any, is ignored: its gradient is 0)."""
     model = getattr(scn.models, arch)(l, k, in_channels=2, num_classes=5, activation=activation,
@@ -24,10 +32,11 @@ def test_deep_net_zero_ground_mode(arch, l, k, activation, dim, density, dtype, 
     assert all(not m.ground_state for m in model.modules())
     for p in model.parameters():  # non-zero biases everywhere
         p.data = (p.data + 0.1 * rng.standard_normal(p.shape)).astype(dtype)
+    model.to(device)
     n = model.input_size
-    x = random_sparse(rng, 3, (n,) * dim, 2, density, dtype, ground=ground)
+    x = random_sparse(rng, 3, (n,) * dim, 2, density, dtype, ground=ground, device=device)
     check_net(model, x, rng)
-    np.testing.assert_array_equal(x.ground_grad, 0)
+    np.testing.assert_array_equal(np_(x.ground_grad), 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -9,6 +9,7 @@ import sparsecnn as scn
 from sparsecnn import data
 from sparsecnn import train as T
 from sparsecnn.cli import main
+from tests.sparse_helpers import np_
 
 FAST = dict(batch_size=16, lr=0.02, lr_decay=0.05, progress=False)
 
@@ -39,13 +40,13 @@ def _weights(model):
     return [p.data.copy() for p in model.parameters()]
 
 
-def test_fixed_seed_identical_runs(strokes):
+def test_fixed_seed_identical_runs(strokes, device):
     train, _ = strokes
     a, b = _model(), _model()
-    T.fit(a, train, epochs=2, **FAST)
-    T.fit(b, train, epochs=2, **FAST)
+    T.fit(a, train, epochs=2, device=device, **FAST)
+    T.fit(b, train, epochs=2, device=device, **FAST)
     for x, y in zip(_weights(a), _weights(b)):
-        np.testing.assert_array_equal(x, y)
+        np.testing.assert_array_equal(np_(x), np_(y))
 
 
 def test_checkpoint_exact_resume(strokes, tmp_path):
@@ -105,21 +106,21 @@ def test_cli_info_and_demo(capsys):
     assert "MACs sparse" in out and "total" in out
 
 
-def test_cli_train_predict_evaluate(tmp_path, capsys):
+def test_cli_train_predict_evaluate(tmp_path, capsys, device):
     out = tmp_path / "m.npz"
     assert main(["train", "--data", "synthetic", "--classes", "4", "--l", "3", "--k", "8",
                  "--epochs", "2", "--repeats", "1", "--quiet", "--out", str(out),
-                 "--batch-size", "16", "--eval-every", "1"]) == 0
+                 "--batch-size", "16", "--eval-every", "1", "--device", device]) == 0
     text = capsys.readouterr().out
     assert "held-out accuracy" in text and out.exists()
     sample = data.synthetic_strokes(4, 1, seed=5).samples[0]
     js = tmp_path / "s.json"
     js.write_text(json.dumps([s.tolist() for s in sample]))
-    assert main(["predict", str(out), str(js)]) == 0
+    assert main(["predict", str(out), str(js), "--device", device]) == 0
     top = json.loads(capsys.readouterr().out)
     assert len(top) == 4 and abs(sum(t["probability"] for t in top) - 1) < 1e-4
     assert main(["evaluate", str(out), "--data", "synthetic", "--classes", "4",
-                 "--quiet"]) == 0
+                 "--quiet", "--device", device]) == 0
     assert "accuracy" in capsys.readouterr().out
 
 

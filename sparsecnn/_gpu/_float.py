@@ -86,9 +86,29 @@ def _launch_flat(filename: str, name: str, like: Any, total: int, args: tuple) -
         _run(filename, name, like, _grid(total), BLOCK, args)
 
 
+# A (rows, K) window table is built only while it is not far larger than the pairs (the CPU
+# backend's rule): the kernels here work from window tables only, so a large window over few
+# sites is refused with a clear error before anything is allocated, not a memory bomb.
+WINDOW_SLACK, WINDOW_FLOOR = 16, 2**20
+
+
+def window_fits(n_rows: int, K: int, n_pairs: int) -> bool:
+    return int(n_rows) * int(K) <= max(WINDOW_SLACK * int(n_pairs), WINDOW_FLOOR)
+
+
+def _check_fits(rb, n_rows: int) -> None:
+    if not window_fits(n_rows, rb.kernel_volume, rb.n_pairs):
+        raise MemoryError(
+            f"the GPU backend works from (rows, K) window tables, and this window "
+            f"(filter/pool size {rb.filter_size}, K = {rb.kernel_volume}) over {n_rows} rows "
+            f"and {rb.n_pairs} pairs would need {n_rows * rb.kernel_volume} entries, far more "
+            f"than its pairs; run this layer on the CPU (which works from the pair lists)")
+
+
 def _window(rb) -> Any:
     w = rb.cache.get("gpu_window")
     if w is None:
+        _check_fits(rb, rb.n_out)
         w = rb.cache["gpu_window"] = build_window(rb.in_idx, rb.out_idx, rb.offsets, rb.n_out)
     return w
 
@@ -96,6 +116,7 @@ def _window(rb) -> Any:
 def _input_window(rb) -> Any:
     w = rb.cache.get("gpu_input_window")
     if w is None:
+        _check_fits(rb, rb.n_in)
         w = rb.cache["gpu_input_window"] = build_window(rb.out_idx, rb.in_idx, rb.offsets,
                                                         rb.n_in)
     return w

@@ -157,12 +157,14 @@ def build_conv_rulebook(coords, spatial_shape, filter_size, stride):
     window table filled in the same pass (``cache["gpu_window"]``, what the float kernels
     use)."""
     oc, in_idx, out_idx, offsets, win = conv_rulebook(coords, spatial_shape, filter_size,
-                                                      stride, window=True)
-    return oc, in_idx, out_idx, offsets, {"gpu_window": win}
+                                                      stride, window="auto")
+    return oc, in_idx, out_idx, offsets, {} if win is None else {"gpu_window": win}
 
 
 def conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
-    """Rulebook of a valid convolution / pooling window (f, s) over unique sites.
+    """Rulebook of a valid convolution / pooling window (f, s) over unique sites
+    (``window``: True, False, or "auto": the table unless far larger than the pairs, then
+    None in its place).
 
     coords : (n, 1 + d) int32 unique sites; spatial_shape : (d,) int64 with (N - f) % s == 0.
     Returns out_coords (n_out, 1 + d) int32, in_idx, out_idx (P,) int32, offsets (K + 1,)
@@ -183,7 +185,13 @@ def conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
         raise ValueError(f"{n} sites x {per_in} window positions each is too many for the GPU "
                          f"rulebook ({_MAX_GENERATORS} at most)")
 
+    five = window is not False          # the caller wants the table (or None) back
+
     def result(n_out, P):
+        nonlocal window
+        if window == "auto":       # the table unless it is far larger than the pairs
+            from ._float import window_fits
+            window = window_fits(n_out, K, P)
         res = (xp.empty((n_out, 1 + d), dtype=xp.int32), xp.empty(P, dtype=xp.int32),
                xp.empty(P, dtype=xp.int32))
         return res, (xp.full((n_out, K), -1, dtype=xp.int32) if window else None)
@@ -191,7 +199,7 @@ def conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
     if n == 0:
         (oc, i, o), win = result(0, 0)
         res = (oc, i, o, xp.zeros(K + 1, dtype=xp.int64))
-        return res + (win,) if window else res
+        return res + (win,) if five else res
     mod = _module("rulebook.cu", xp)
     # rows in stable order by sample (the identity when they are grouped already)
     batch = coords[:, 0].astype(xp.int64)
@@ -220,7 +228,7 @@ def conv_rulebook(coords, spatial_shape, filter_size, stride, *, window=False):
                    np.int32(bool(window)),
                    win if window else xp.empty(1, dtype=xp.int32)))
     res = (out_coords, in_idx, out_idx, offsets)
-    return res + (win,) if window else res
+    return res + (win,) if five else res
 
 
 def build_submanifold_rulebook(coords, spatial_shape, table_keys, table_vals, filter_size):
