@@ -265,13 +265,20 @@ def _sparse_peak_memory(step, w: Workload) -> dict:
     pool = cupy.get_default_memory_pool()
 
     class PeakHook(cupy.cuda.MemoryHook):
+        """Bytes in use: a running sum of the pool's malloc/free sizes, and used_bytes()
+        sampled after each malloc; the peak is the larger of the two."""
         name = "sparsecnn_bench_peak"
 
         def __init__(self):
-            self.peak = pool.used_bytes()
+            self.cur = self.peak = pool.used_bytes()
 
         def malloc_postprocess(self, **kwargs):
-            self.peak = max(self.peak, pool.used_bytes())
+            if kwargs.get("mem_ptr"):
+                self.cur += int(kwargs.get("mem_size", 0))
+            self.peak = max(self.peak, self.cur, pool.used_bytes())
+
+        def free_postprocess(self, **kwargs):
+            self.cur -= int(kwargs.get("mem_size", 0))
 
     w.sync("cuda")
     before = pool.used_bytes()
