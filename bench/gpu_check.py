@@ -4,7 +4,7 @@ On a bare GPU machine (CuPy, torch, pytest, pytest-benchmark, compute-sanitizer;
 
     bench/gpu_check.sh                  # = python3 bench/gpu_check.py
 
-runs, each step under its own time limit and all of them within ``--budget`` seconds (340 by
+runs, each step under its own time limit and all of them within ``--budget`` seconds (335 by
 default, so the whole check ends within 6 minutes):
 
   environment  GPU, driver, CuPy / torch / pytest-benchmark / compute-sanitizer versions
@@ -98,7 +98,7 @@ def _env_flag(name: str) -> bool:
 def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = None,
                cwd: Path = ROOT) -> tuple[int | None, float, bool]:
     """Run ``cmd`` with stdout+stderr to ``log``; (rc, seconds, timed_out). On timeout the
-    process group this started is killed (TERM, then KILL) and rc is None."""
+    process group this started is interrupted (INT, then TERM, then KILL) and rc is None."""
     t0 = time.monotonic()
     with open(log, "ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
@@ -113,7 +113,9 @@ def run_logged(cmd: list[str], log: Path, timeout: float, env: dict | None = Non
             rc = p.wait(timeout=max(timeout, 1))
             return rc, time.monotonic() - t0, False
         except subprocess.TimeoutExpired:
-            for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            # SIGINT first: pytest stops as on Ctrl-C and still writes its report (junit xml,
+            # the benchmark summary of what ran)
+            for sig, wait in ((signal.SIGINT, 6), (signal.SIGTERM, 3), (signal.SIGKILL, 2)):
                 try:
                     os.killpg(p.pid, sig)
                 except ProcessLookupError:
@@ -683,8 +685,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sim", action="store_true",
                     help="every step in the CUDA simulation at smoke sizes (no GPU needed)")
     ap.add_argument("--budget", type=float,
-                    default=float(os.environ.get("GPU_CHECK_BUDGET_S", 340)),
-                    help="seconds for the whole check (default 340)")
+                    default=float(os.environ.get("GPU_CHECK_BUDGET_S", 335)),
+                    help="seconds for the whole check (default 335)")
     ap.add_argument("--out", help="summary path (default $OUT/gpu_check.json or "
                                   "./gpu_check.json)")
     ap.add_argument("--skip-build", action="store_true", help="do not build the package")

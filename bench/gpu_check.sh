@@ -10,7 +10,7 @@
 # with CuPy, compute-sanitizer memcheck and racecheck on a tiny DeepCNet forward+backward,
 # the GPU benchmarks (bench/test_bench_gpu.py), and writes ONE JSON summary:
 # $OUT/gpu_check.json if OUT is set, else ./gpu_check.json (logs in gpu_check_logs/ beside
-# it). Every step has its own time limit and the whole check keeps to a budget of 340 s
+# it). Every step has its own time limit and the whole check keeps to a budget of 335 s
 # (GPU_CHECK_BUDGET_S), so it ends within 6 minutes; a failing step is recorded and the check
 # goes on. Exit status 0 when every core step passed.
 #
@@ -22,7 +22,7 @@ set -u
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 py="${PYTHON:-python3}"
-budget="${GPU_CHECK_BUDGET_S:-340}"
+budget="${GPU_CHECK_BUDGET_S:-335}"
 # backstop only: gpu_check.py ends its steps within the budget by itself
 hard_limit=$(( ${budget%.*} + 15 ))
 
