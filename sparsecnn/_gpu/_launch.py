@@ -267,7 +267,8 @@ class CupyModule(_Module):
     def __init__(self, path: Path):
         super().__init__(path)
         import cupy
-        self.raw = cupy.RawModule(code=self.source, options=NVRTC_OPTIONS)
+        self.raw = cupy.RawModule(code=self.source,
+                                  options=(*NVRTC_OPTIONS, f"-I{path.parent}"))
 
     def _make(self, name):
         return CupyKernel(self, name)
@@ -400,8 +401,11 @@ def build_sim_library(path: Path, source: str, kernels: tuple[str, ...]) -> Path
     exports = "".join(f"SCNN_SIM_EXPORT({k})\n" for k in kernels)
     wrapper = (f'#include "{SIM_HEADER}"\n#line 1 "{path.name}"\n{source}\n'
                f'#line 1 "{path.stem}_exports"\n{exports}')
+    # the headers a kernel file may include ("common.cuh") are part of what is compiled
+    included = "".join(h.read_text() for h in sorted(path.parent.glob("*.cuh")))
     h = hashlib.sha256()
-    for part in (header, path.name, source, exports, _compiler_id(cxx), " ".join(flags)):
+    for part in (header, path.name, source, included, exports, _compiler_id(cxx),
+                 " ".join(flags)):
         h.update(part.encode())
         h.update(b"\0")
     out = sim_cache_dir() / f"{path.stem}-{h.hexdigest()[:20]}.so"

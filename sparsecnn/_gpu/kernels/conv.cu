@@ -43,24 +43,7 @@
 #define SCNN_TRM (SCNN_TBM / SCNN_TTY)  // rows per thread
 #define SCNN_TRN (SCNN_TBN / SCNN_TTX)  // channels per thread
 
-__device__ __forceinline__ long long scnn_conv_gstart() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ long long scnn_conv_gstep() {
-    return (long long)gridDim.x * blockDim.x;
-}
-
-template <class T>
-__device__ __forceinline__ T scnn_neg_inf();
-template <>
-__device__ __forceinline__ float scnn_neg_inf<float>() {
-    return __int_as_float(0xff800000u);
-}
-template <>
-__device__ __forceinline__ double scnn_neg_inf<double>() {
-    return __longlong_as_double((long long)0xfff0000000000000ull);
-}
+#include "common.cuh"
 
 // forward value of convolution row o, channel co (the simple kernels' order)
 template <class T>
@@ -92,7 +75,7 @@ __device__ __forceinline__ void scnn_conv_fwd_simple(const T* __restrict__ x,
                                                      long long n_out, int K, int cin, int cout,
                                                      T* __restrict__ out) {
     const long long total = n_out * cout;
-    for (long long t = scnn_conv_gstart(); t < total; t += scnn_conv_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long o = t / cout;
         const int co = (int)(t - o * cout);
         out[t] = scnn_conv_value<T>(x, w, row, g, win, o, K, cin, cout, co);
@@ -106,7 +89,7 @@ __device__ __forceinline__ void scnn_conv_dgrad_simple(const T* __restrict__ gy,
                                                        long long n_in, int K, int cin,
                                                        int cout, T* __restrict__ gx) {
     const long long total = n_in * cin;
-    for (long long t = scnn_conv_gstart(); t < total; t += scnn_conv_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long i = t / cin;
         const int ci = (int)(t - i * cin);
         const int* wr = iwin + i * K;
@@ -133,7 +116,7 @@ __device__ __forceinline__ void scnn_conv_maxpool_simple(
         const T* __restrict__ pool_ground, long long n_out, int K, int K2, int cin, int cout,
         int act, T a, T* __restrict__ out, int* __restrict__ argmax) {
     const long long total = n_out * cout;
-    for (long long t = scnn_conv_gstart(); t < total; t += scnn_conv_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long p = t / cout;
         const int co = (int)(t - p * cout);
         const int* pw = pwin + p * K2;
@@ -166,7 +149,7 @@ __device__ __forceinline__ void scnn_conv_wgrad_partial(
         T* __restrict__ partial) {
     const long long E = (long long)cin * cout;
     const long long total = (long long)K * S * E;
-    for (long long t = scnn_conv_gstart(); t < total; t += scnn_conv_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long ks = t / E;
         const long long e = t - ks * E;
         const int k = (int)(ks / S), s = (int)(ks - (long long)k * S);
@@ -186,7 +169,7 @@ __device__ __forceinline__ void scnn_conv_wgrad_reduce(const T* __restrict__ par
                                                        int S, long long E,
                                                        T* __restrict__ gw) {
     const long long total = (long long)K * E;
-    for (long long t = scnn_conv_gstart(); t < total; t += scnn_conv_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long k = t / E, e = t - k * E;
         const T* p = partial + k * S * E + e;
         T acc = p[0];

@@ -24,24 +24,7 @@
 
 #define SCNN_POOL_CHUNK 256
 
-__device__ __forceinline__ long long scnn_pool_gstart() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ long long scnn_pool_gstep() {
-    return (long long)gridDim.x * blockDim.x;
-}
-
-template <class T>
-__device__ __forceinline__ T scnn_pool_neg_inf();
-template <>
-__device__ __forceinline__ float scnn_pool_neg_inf<float>() {
-    return __int_as_float(0xff800000u);
-}
-template <>
-__device__ __forceinline__ double scnn_pool_neg_inf<double>() {
-    return __longlong_as_double((long long)0xfff0000000000000ull);
-}
+#include "common.cuh"
 
 // the gradient reaching the pooling: gy, or through the fused activation's backward
 template <class T>
@@ -58,13 +41,13 @@ __device__ __forceinline__ void scnn_maxpool_fwd(const T* __restrict__ x,
                                                  int K, int C, int act, T a,
                                                  T* __restrict__ out, int* __restrict__ argmax) {
     const long long total = n_out * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long o = t / C;
         const int c = (int)(t - o * C);
         const int* wr = win + o * K;
         bool gap = false;
         for (int k = 0; k < K; ++k) gap = gap || wr[k] < 0;
-        T best = gap ? ground[c] : scnn_pool_neg_inf<T>();
+        T best = gap ? ground[c] : scnn_neg_inf<T>();
         int arg = -1;
         for (int k = 0; k < K; ++k) {
             const int i = wr[k];
@@ -89,7 +72,7 @@ __device__ __forceinline__ void scnn_maxpool_bwd(const T* __restrict__ gy,
                                                  int K, int C, int act, T a,
                                                  T* __restrict__ gx) {
     const long long total = n_in * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long i = t / C;
         const int c = (int)(t - i * C);
         const int* wr = iwin + i * K;
@@ -115,7 +98,7 @@ __device__ __forceinline__ void scnn_maxpool_ground_partial(
         T* __restrict__ partial) {
     const long long n_chunks = (n_out + SCNN_POOL_CHUNK - 1) / SCNN_POOL_CHUNK;
     const long long total = n_chunks * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long b = t / C;
         const int c = (int)(t - b * C);
         const long long o1 = min(n_out, (b + 1) * SCNN_POOL_CHUNK);
@@ -134,7 +117,7 @@ __device__ __forceinline__ void scnn_avgpool_fwd(const T* __restrict__ x,
                                                  const int* __restrict__ win, long long n_out,
                                                  int K, int C, T inv, T* __restrict__ out) {
     const long long total = n_out * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long o = t / C;
         const int c = (int)(t - o * C);
         const int* wr = win + o * K;
@@ -153,7 +136,7 @@ __device__ __forceinline__ void scnn_avgpool_bwd(const T* __restrict__ gy,
                                                  const int* __restrict__ iwin, long long n_in,
                                                  int K, int C, T inv, T* __restrict__ gx) {
     const long long total = n_in * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long i = t / C;
         const int c = (int)(t - i * C);
         const int* wr = iwin + i * K;
@@ -173,7 +156,7 @@ __device__ __forceinline__ void scnn_avgpool_ground_partial(const T* __restrict_
                                                             T* __restrict__ partial) {
     const long long n_chunks = (n_out + SCNN_POOL_CHUNK - 1) / SCNN_POOL_CHUNK;
     const long long total = n_chunks * C;
-    for (long long t = scnn_pool_gstart(); t < total; t += scnn_pool_gstep()) {
+    for (long long t = scnn_gstart(); t < total; t += scnn_gstep()) {
         const long long b = t / C;
         const int c = (int)(t - b * C);
         const long long o1 = min(n_out, (b + 1) * SCNN_POOL_CHUNK);

@@ -14,23 +14,17 @@
 //
 // Portable subset of sparsecnn/_gpu/cuda_sim.h (the CPU simulation runs this file too).
 
-__device__ __forceinline__ long long scnn_gstride_start() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-
-__device__ __forceinline__ long long scnn_gstride_step() {
-    return (long long)gridDim.x * blockDim.x;
-}
+#include "common.cuh"
 
 extern "C" __global__ void scnn_window_fill(int* __restrict__ win, long long n) {
-    for (long long t = scnn_gstride_start(); t < n; t += scnn_gstride_step()) win[t] = -1;
+    for (long long t = scnn_gstart(); t < n; t += scnn_gstep()) win[t] = -1;
 }
 
 extern "C" __global__ void scnn_window_scatter(const int* __restrict__ in_idx,
                                                const int* __restrict__ out_idx,
                                                const long long* __restrict__ offsets, int K,
                                                long long P, int* __restrict__ win) {
-    for (long long p = scnn_gstride_start(); p < P; p += scnn_gstride_step()) {
+    for (long long p = scnn_gstart(); p < P; p += scnn_gstep()) {
         int lo = 0, hi = K;  // the last k with offsets[k] <= p: offsets[lo] <= p < offsets[hi]
         while (hi - lo > 1) {
             const int mid = lo + (hi - lo) / 2;
@@ -42,7 +36,7 @@ extern "C" __global__ void scnn_window_scatter(const int* __restrict__ in_idx,
 
 extern "C" __global__ void scnn_window_count(const int* __restrict__ win, long long n, int K,
                                              int* __restrict__ count) {
-    for (long long o = scnn_gstride_start(); o < n; o += scnn_gstride_step()) {
+    for (long long o = scnn_gstart(); o < n; o += scnn_gstep()) {
         const int* w = win + o * K;
         int c = 0;
         for (int k = 0; k < K; ++k) c += w[k] >= 0;
