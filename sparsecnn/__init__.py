@@ -11,6 +11,12 @@ __version__ = "0.1.0"
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
+from .heads import (  # noqa: E402
+    GlobalAveragePooling,
+    GlobalMaxPooling,
+    global_average_pool,
+    global_max_pool,
+)
 from .io import load, save  # noqa: E402
 from .nn import (  # noqa: E402
     AveragePooling,
@@ -45,6 +51,7 @@ __all__ = [
     "SparseTensor", "Tensor", "Parameter", "no_grad", "is_grad_enabled",
     "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
-    "SparseToDense", "Flatten", "Linear", "cross_entropy", "save", "load",
+    "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
+    "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]

@@ -27,6 +27,13 @@ def _register(cls):
     return cls
 
 
+def _heads():
+    """sparsecnn.heads (the dense-Tensor forms of ReLU, LeakyReLU, Dropout and BatchNorm);
+    imported on use, as it imports this module."""
+    from . import heads
+    return heads
+
+
 _INT_MAX = 2**31 - 1
 _MAX_WEIGHTS = 2**31     # elements of one layer's weight
 
@@ -412,7 +419,9 @@ class NetworkInNetwork(Module):
 class ReLU(Module):
     """max(x, 0) on features and ground."""
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | Tensor) -> SparseTensor | Tensor:
+        if isinstance(x, Tensor):
+            return _heads().dense_relu(x)
         return F.relu(x)
 
 
@@ -426,7 +435,9 @@ class LeakyReLU(Module):
                              f"{negative_slope!r}")
         self.negative_slope = float(negative_slope)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | Tensor) -> SparseTensor | Tensor:
+        if isinstance(x, Tensor):
+            return _heads().dense_leaky_relu(x, self.negative_slope)
         return F.leaky_relu(x, self.negative_slope)
 
     def _spec_args(self) -> dict[str, Any]:
@@ -465,9 +476,13 @@ class Dropout(Module):
             r = self._device_rngs[device] = backend.xp(device).random.default_rng(seed)
         return r
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | Tensor) -> SparseTensor | Tensor:
         if not self.training or self.p == 0:
             return x
+        if isinstance(x, Tensor):
+            return _heads().dense_dropout(x, self.p, self.rng_for(x.device),
+                                          channelwise=self.channelwise,
+                                          batchwise=self.batchwise)
         return F.dropout(x, self.p, self.rng_for(x.device), channelwise=self.channelwise,
                          batchwise=self.batchwise)
 
@@ -501,7 +516,11 @@ class BatchNorm(Module):
     def _param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.channels,), "bias": (self.channels,)}
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def forward(self, x: SparseTensor | Tensor) -> SparseTensor | Tensor:
+        if isinstance(x, Tensor):
+            return _heads().dense_batch_norm(x, self.weight, self.bias, self.running_mean,
+                                             self.running_var, training=self.training,
+                                             momentum=self.momentum, eps=self.eps)
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             training=self.training, momentum=self.momentum, eps=self.eps,
                             ground_state=self.ground_state)

@@ -1256,3 +1256,110 @@ def net_batchnorm_stats(x, mask, ground, layers, params) -> list:
             _, var, n = _bn_stats(h, m, h.ndim - 2, True, None, None)
             out.append((int(n), var, p[0]))
     return out
+
+
+# --------------------------------------------------------------------------
+# global pooling and (B, C) batch norm (the heads)
+# --------------------------------------------------------------------------
+#
+# Global pools reduce every spatial position of each sample: x (B, C, *N) -> (B, C). The
+# max's gradient goes to the first maximal position in row-major order. Zero-ground forms
+# take a mask (B, *N) and pool the active positions only (a sample without any gives 0).
+
+
+def _flat_spatial(x64) -> np.ndarray:
+    _check_features(x64)
+    return x64.reshape(x64.shape[0], x64.shape[1], -1)
+
+
+def global_maxpool_forward(x) -> np.ndarray:
+    """y[b, c] = max over all positions p of x[b, c, p]; x (B, C, *N) -> (B, C)."""
+    return _cast(_flat_spatial(_f64(x)).max(axis=2), x)
+
+
+def global_maxpool_backward(x, grad_y) -> np.ndarray:
+    """dL/dx (B, C, *N): grad_y[b, c] at the first (row-major) maximal position of x[b, c]."""
+    x64, gy = _f64(x), _f64(grad_y)
+    flat = _flat_spatial(x64)
+    if gy.shape != flat.shape[:2]:
+        raise ValueError(f"grad_y shape {gy.shape} != {flat.shape[:2]}")
+    gx = np.zeros_like(flat)
+    arg = flat.argmax(axis=2)  # numpy: the first maximum
+    b, c = np.indices(arg.shape)
+    gx[b, c, arg] = gy
+    return _cast(gx.reshape(x64.shape), x)
+
+
+def global_avgpool_forward(x) -> np.ndarray:
+    """y[b, c] = mean over all positions of x[b, c]; x (B, C, *N) -> (B, C)."""
+    return _cast(_flat_spatial(_f64(x)).mean(axis=2), x)
+
+
+def global_avgpool_backward(x, grad_y) -> np.ndarray:
+    """dL/dx (B, C, *N) = grad_y[b, c] / prod(N) at every position."""
+    x64, gy = _f64(x), _f64(grad_y)
+    flat = _flat_spatial(x64)
+    if gy.shape != flat.shape[:2]:
+        raise ValueError(f"grad_y shape {gy.shape} != {flat.shape[:2]}")
+    gx = np.broadcast_to(gy[:, :, None] / flat.shape[2], flat.shape)
+    return _cast(gx.reshape(x64.shape), x)
+
+
+def _flat_mask(mask, x64) -> np.ndarray:
+    m = _mask64(mask, x64)
+    return m.reshape(m.shape[0], -1).astype(bool)
+
+
+def global_maxpool_zero_forward(x, mask) -> np.ndarray:
+    """Max over the active positions of each sample (0 for a sample without any)."""
+    x64 = _f64(x)
+    flat, m = _flat_spatial(x64), _flat_mask(mask, x64)
+    v = np.where(m[:, None], flat, -np.inf).max(axis=2)
+    return _cast(np.where(m.any(axis=1)[:, None], v, 0.0), x)
+
+
+def global_maxpool_zero_backward(x, mask, grad_y) -> np.ndarray:
+    """grad_y[b, c] to the first (row-major) maximal active position; none to inactive ones."""
+    x64, gy = _f64(x), _f64(grad_y)
+    flat, m = _flat_spatial(x64), _flat_mask(mask, x64)
+    arg = np.where(m[:, None], flat, -np.inf).argmax(axis=2)
+    gx = np.zeros_like(flat)
+    b, c = np.indices(arg.shape)
+    gx[b, c, arg] = gy * m.any(axis=1)[:, None]
+    return _cast(gx.reshape(x64.shape), x)
+
+
+def global_avgpool_zero_forward(x, mask) -> np.ndarray:
+    """Mean over the active positions of each sample (0 for a sample without any)."""
+    x64 = _f64(x)
+    flat, m = _flat_spatial(x64), _flat_mask(mask, x64)
+    n = m.sum(axis=1)[:, None]
+    return _cast((flat * m[:, None]).sum(axis=2) / np.maximum(n, 1), x)
+
+
+def global_avgpool_zero_backward(x, mask, grad_y) -> np.ndarray:
+    """grad_y[b, c] / n_b at each active position of sample b; 0 at inactive ones."""
+    x64, gy = _f64(x), _f64(grad_y)
+    _flat_spatial(x64)
+    m = _flat_mask(mask, x64)
+    n = m.sum(axis=1)[:, None]
+    gx = (gy / np.maximum(n, 1))[:, :, None] * m[:, None]
+    return _cast(gx.reshape(x64.shape), x)
+
+
+def batchnorm_bc_forward(x, gamma, beta, eps, *, train, running_mean=None, running_var=None):
+    """batchnorm_forward for a dense (B, C) input: statistics over the batch."""
+    x = np.asarray(x)
+    out = batchnorm_forward(x[:, :, None], np.ones((x.shape[0], 1), bool), gamma, beta, eps,
+                            train=train, running_mean=running_mean, running_var=running_var)
+    return (out[0][:, :, 0],) + tuple(out[1:]) if train else out[:, :, 0]
+
+
+def batchnorm_bc_backward(x, gamma, beta, eps, grad_y, *, train, running_mean=None,
+                          running_var=None):
+    """(grad_x (B, C), grad_gamma, grad_beta) of batchnorm_bc_forward."""
+    x = np.asarray(x)
+    gx, gg, gb = batchnorm_backward(x[:, :, None], np.ones((x.shape[0], 1), bool), gamma, beta,
+                                    eps, np.asarray(grad_y)[:, :, None], train=train,
+                                    running_mean=running_mean, running_var=running_var)
+    return gx[:, :, 0], gg, gb
