@@ -21,6 +21,23 @@ import numpy as np
 
 DEVICES = ("cpu", "cuda")
 
+#: the kernel boundary: every backend (``sparsecnn._cpu``, ``sparsecnn._gpu``) has these, with
+#: the same parameters; each also lists the optional fused kernels it has in CAPABILITIES
+KERNEL_NAMES = (
+    "build_hash",
+    "build_conv_rulebook",
+    "build_submanifold_rulebook",
+    "build_window",
+    "conv_forward",
+    "conv_backward",
+    "maxpool_forward",
+    "maxpool_backward",
+    "avgpool_forward",
+    "avgpool_backward",
+    "column_sums",
+    "segment_sum_max",
+)
+
 #: host <-> device copies made through :func:`to_device`: keys "to_host" and "to_device"
 transfers: Counter = Counter()
 

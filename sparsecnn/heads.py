@@ -68,40 +68,6 @@ def _segments(x: SparseTensor) -> tuple[Any, Any, Any]:
     return hit
 
 
-def _segment_sum_max_cpu(features: np.ndarray, order: np.ndarray,
-                         seg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The CPU form of ``sparsecnn._gpu._heads.segment_sum_max`` (same results and tie rule:
-    the first maximal row in sorted order; NaN never wins unless all are NaN)."""
-    n, C = features.shape
-    B = seg.shape[0] - 1
-    total = np.zeros((B, C), dtype=features.dtype)
-    mx = np.full((B, C), -np.inf, dtype=features.dtype)
-    arg = np.full((B, C), -1, dtype=np.int32)
-    if n == 0 or B == 0 or C == 0:
-        return total, mx, arg
-    counts = seg[1:] - seg[:-1]
-    present = counts > 0
-    starts = seg[:-1][present]
-    fs = features[order]                                   # (n, C), sorted
-    total[present] = np.add.reduceat(fs, starts, axis=0)
-    m = np.fmax.reduceat(fs, starts, axis=0)               # fmax: NaN loses to numbers
-    row_seg = np.repeat(np.arange(starts.shape[0]), counts[present])
-    pos = np.where(fs == m[row_seg], np.arange(n)[:, None], n)
-    first = np.minimum.reduceat(pos, starts, axis=0)       # first maximal sorted position
-    first = np.where(first == n, starts[:, None], first)   # all NaN: the first row
-    mx[present] = m
-    arg[present] = order[first]
-    return total, mx, arg
-
-
-def _segment_sum_max(features: Any, order: Any, seg: Any):
-    if backend.device_of(features) == "cpu":
-        return _segment_sum_max_cpu(features, order, seg)
-    backend.require_device("cuda")
-    from ._gpu._heads import segment_sum_max
-    return segment_sum_max(features, order, seg)
-
-
 def _volume(x: SparseTensor) -> int:
     return math.prod(x.spatial_shape)
 
@@ -116,7 +82,7 @@ def global_max_pool(x: SparseTensor, *, ground_state: bool = True) -> Tensor:
     _check_sparse(x, "GlobalMaxPooling")
     xp = backend.xp(x.device)
     order, seg, counts = _segments(x)
-    _, m, arg = _segment_sum_max(x.features, order, seg)
+    _, m, arg = backend.kernels(x.device).segment_sum_max(x.features, order, seg)
     if ground_state:
         has_gap = (counts < _volume(x))[:, None]
         ground_won = has_gap & ~(m > x.ground[None, :])
@@ -150,7 +116,7 @@ def global_average_pool(x: SparseTensor, *, ground_state: bool = True) -> Tensor
     _check_sparse(x, "GlobalAveragePooling")
     xp = backend.xp(x.device)
     order, seg, counts = _segments(x)
-    total, _, _ = _segment_sum_max(x.features, order, seg)
+    total, _, _ = backend.kernels(x.device).segment_sum_max(x.features, order, seg)
     t = x.dtype.type
     V = _volume(x)
     cnt = counts.astype(x.dtype)

@@ -458,7 +458,7 @@ def test_cupy_launcher_interface_with_a_stub(monkeypatch):
     q = StubArray(np.zeros(3, np.int64))
     out = StubArray(np.zeros(3, np.int32))
     k(1, 64, (keys, vals, np.int64(16), np.int32(60), q, np.int32(3), out))
-    assert calls[0] == ("module", _launch.NVRTC_OPTIONS, True)
+    assert calls[0] == ("module", (*_launch.NVRTC_OPTIONS, f"-I{_launch.KERNEL_DIR}"), True)
     _, name, grid, block, args, shm = calls[1]
     assert (name, grid, block, shm) == ("scnn_hash_lookup", (1, 1, 1), (64, 1, 1), 0)
     assert args[0] is keys and args[2].dtype == np.int64 and args[3].dtype == np.int32

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _conv, _pool, _rulebook
 from ._threads import with_single_threaded_blas
 
@@ -146,3 +148,34 @@ def avgpool_forward(features: Any, ground: Any, rb: Any) -> Any:
 def avgpool_backward(grad_out: Any, rb: Any) -> tuple[Any, Any]:
     """(grad_features (n_in, C), grad_ground (C,)) of avgpool_forward."""
     return _pool.avgpool_backward(grad_out, rb.in_idx, rb.out_idx, rb.offsets, rb.n_in)
+
+
+# -- global pooling ---------------------------------------------------------------------------
+def segment_sum_max(features: Any, order: Any, seg: Any) -> tuple[Any, Any, Any]:
+    """Per-sample sum, maximum and argmax of the rows of ``features`` (the global poolings).
+
+    features (n, C) float32/float64; order (n,) int32: the rows sorted by sample (then by
+    site); seg (B + 1,) int64: sample b owns the sorted positions [seg[b], seg[b + 1]).
+    Returns sum (B, C), max (B, C) and argmax (B, C) int32: the row of the first maximal value
+    in sorted order (NaN never wins unless all are NaN, then the first row); -1 (max -inf,
+    sum 0) for a sample without rows. NumPy segment reductions (reduceat)."""
+    n, C = features.shape
+    B = seg.shape[0] - 1
+    total = np.zeros((B, C), dtype=features.dtype)
+    mx = np.full((B, C), -np.inf, dtype=features.dtype)
+    arg = np.full((B, C), -1, dtype=np.int32)
+    if n == 0 or B == 0 or C == 0:
+        return total, mx, arg
+    counts = seg[1:] - seg[:-1]
+    present = counts > 0
+    starts = seg[:-1][present]
+    fs = features[order]                                   # (n, C), sorted
+    total[present] = np.add.reduceat(fs, starts, axis=0)
+    m = np.fmax.reduceat(fs, starts, axis=0)               # fmax: NaN loses to numbers
+    row_seg = np.repeat(np.arange(starts.shape[0]), counts[present])
+    pos = np.where(fs == m[row_seg], np.arange(n)[:, None], n)
+    first = np.minimum.reduceat(pos, starts, axis=0)       # first maximal sorted position
+    first = np.where(first == n, starts[:, None], first)   # all NaN: the first row
+    mx[present] = m
+    arg[present] = order[first]
+    return total, mx, arg

@@ -10,6 +10,7 @@ Importing this package never needs CuPy; :func:`status` tells whether the backen
 """
 from __future__ import annotations
 
+from .. import backend
 from ._float import (
     avgpool_backward,
     avgpool_forward,
@@ -22,21 +23,10 @@ from ._float import (
     maxpool_forward,
 )
 from ._geometry import build_conv_rulebook, build_hash, build_submanifold_rulebook
+from ._heads import segment_sum_max
 from ._launch import find_host_compiler, simulation_requested
 
-KERNEL_NAMES = (
-    "build_hash",
-    "build_conv_rulebook",
-    "build_submanifold_rulebook",
-    "build_window",
-    "conv_forward",
-    "conv_backward",
-    "maxpool_forward",
-    "maxpool_backward",
-    "avgpool_forward",
-    "avgpool_backward",
-    "column_sums",
-)
+KERNEL_NAMES = backend.KERNEL_NAMES
 
 #: optional fused kernels this backend has
 CAPABILITIES = frozenset({"conv_maxpool_forward"})
@@ -44,7 +34,8 @@ CAPABILITIES = frozenset({"conv_maxpool_forward"})
 __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
     "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
-    "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "KERNEL_NAMES",
+    "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "segment_sum_max",
+    "KERNEL_NAMES",
     "CAPABILITIES", "status", "has_cupy", "device_name",
 ]
 assert set(KERNEL_NAMES) | CAPABILITIES <= set(__all__)

@@ -1,7 +1,7 @@
 """CUDA side of the global poolings (sparsecnn/heads.py): per-sample sums and maxima.
 
-A thin wrapper over ``kernels/global_pool.cu`` with the signature of the CPU version in
-``sparsecnn.heads`` (``_segment_sum_max_cpu``). Deterministic: each sample's rows are cut into
+A thin wrapper over ``kernels/global_pool.cu`` with the signature of the CPU kernel
+(``sparsecnn._cpu.segment_sum_max``). Deterministic: each sample's rows are cut into
 fixed chunks of :data:`CHUNK` sorted positions, summed in order, then the chunks in order (no
 atomics; the order depends on the sizes only).
 """
@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import backend
 from ._float import _launch_flat, _sfx, xp_of
 
 __all__ = ["segment_sum_max", "CHUNK"]
@@ -37,7 +38,7 @@ def segment_sum_max(features: Any, order: Any, seg: Any) -> tuple[Any, Any, Any]
     counts = seg[1:] - seg[:-1]
     chunk_off = xp.zeros(B + 1, dtype=np.int64)
     chunk_off[1:] = xp.cumsum((counts + (CHUNK - 1)) // CHUNK)
-    n_chunks = int(chunk_off[-1])
+    n_chunks = int(backend.to_host(chunk_off[-1:])[0])     # a size: one counted read
     chunk_seg = (xp.searchsorted(chunk_off, xp.arange(n_chunks, dtype=np.int64),
                                  side="right") - 1).astype(np.int32)
     psum = xp.empty((n_chunks, C), dtype=features.dtype)
