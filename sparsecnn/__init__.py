@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
+from .combine import Concat, Residual, add, concat  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
 from .io import load, save  # noqa: E402
 from .nn import (  # noqa: E402
@@ -46,5 +47,6 @@ __all__ = [
     "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
     "SparseToDense", "Flatten", "Linear", "cross_entropy", "save", "load",
+    "add", "concat", "Residual", "Concat",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]
