@@ -54,6 +54,9 @@ def build(spec: Any) -> Module:
     if kind not in LAYERS:
         raise ValueError(f"unknown layer type {kind!r} in model spec")
     args = {k: v for k, v in spec.items() if k != "type"}
+    from_spec = getattr(LAYERS[kind], "_from_spec", None)
+    if from_spec is not None:       # a container (Residual, Concat) builds its children
+        return from_spec(args, build)
     if kind == "Sequential":
         layers = args.get("layers")
         if not isinstance(layers, list):
@@ -83,6 +86,11 @@ def _param_count(spec: Any, depth: int = 0) -> int:
         if not isinstance(layers, list):
             raise ValueError("Sequential spec needs a list 'layers'")
         return sum(_param_count(s, depth + 1) for s in layers)
+    container = LAYERS.get(spec["type"]) if isinstance(spec.get("type"), str) else None
+    if hasattr(container, "_from_spec"):        # a container (Residual, Concat)
+        nested = [v for v in spec.values() if isinstance(v, dict)]
+        nested += [s for v in spec.values() if isinstance(v, list) for s in v]
+        return sum(_param_count(s, depth + 1) for s in nested)
 
     def num(key: str, default: int = 1) -> int:
         v = spec.get(key, default)

@@ -1363,3 +1363,96 @@ def batchnorm_bc_backward(x, gamma, beta, eps, grad_y, *, train, running_mean=No
                                     eps, np.asarray(grad_y)[:, :, None], train=train,
                                     running_mean=running_mean, running_var=running_var)
     return gx[:, :, 0], gg, gb
+
+
+# combining tensors on one grid (add, concat)
+# --------------------------------------------------------------------------
+#
+# On dense tensors the sum and the concatenation are the plain ones: the sparse ops are
+# exact when each tensor's inactive sites hold its ground (ground-state semantics), and the
+# result's active set is the union of the inputs'. In the zero-ground mode an input's
+# inactive sites count as 0 (and get no gradient).
+
+__all__ += [
+    "union_mask",
+    "add_forward",
+    "add_backward",
+    "concat_forward",
+    "concat_backward",
+    "add_zero_forward",
+    "add_zero_backward",
+    "concat_zero_forward",
+    "concat_zero_backward",
+]
+
+
+def union_mask(*masks) -> np.ndarray:
+    """Active mask (B,*N) of a sum or concatenation: True where any input is active."""
+    if not masks:
+        raise ValueError("union_mask needs at least one mask")
+    out = np.zeros(np.shape(masks[0]), dtype=bool)
+    for m in masks:
+        m = np.asarray(m, dtype=bool)
+        if m.shape != out.shape:
+            raise ValueError(f"mask shapes differ: {m.shape} vs {out.shape}")
+        out |= m
+    return out
+
+
+def _check_same_grid(xs) -> None:
+    shapes = {np.shape(x)[:1] + np.shape(x)[2:] for x in xs}
+    if len(shapes) != 1:
+        raise ValueError(f"inputs are on different grids: {sorted(shapes)}")
+    for x in xs:
+        _check_features(_f64(x))
+
+
+def add_forward(a, b) -> np.ndarray:
+    """a + b, both (B,C,*N)."""
+    _check_same_grid([a, b])
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"add: shapes differ: {np.shape(a)} vs {np.shape(b)}")
+    return _cast(_f64(a) + _f64(b), a)
+
+
+def add_backward(a, b, grad_y):
+    """(grad_a, grad_b) of add_forward: grad_y to both."""
+    gy = _f64(grad_y)
+    return _cast(gy, a), _cast(gy, b)
+
+
+def concat_forward(xs) -> np.ndarray:
+    """Concatenation of xs[i] (B,C_i,*N) on the channel axis: (B, sum C_i, *N)."""
+    xs = list(xs)
+    _check_same_grid(xs)
+    return _cast(np.concatenate([_f64(x) for x in xs], axis=1), xs[0])
+
+
+def concat_backward(xs, grad_y) -> tuple:
+    """Gradients of concat_forward: grad_y split on the channel axis, one per input."""
+    xs = list(xs)
+    gy = _f64(grad_y)
+    bounds = np.cumsum([0] + [np.shape(x)[1] for x in xs])
+    return tuple(_cast(gy[:, lo:hi], x) for x, lo, hi in zip(xs, bounds[:-1], bounds[1:],
+                                                              strict=True))
+
+
+def add_zero_forward(a, mask_a, b, mask_b) -> np.ndarray:
+    """Zero-ground sum: each input is 0 at its inactive sites."""
+    return add_forward(zero_inactive(a, mask_a), zero_inactive(b, mask_b))
+
+
+def add_zero_backward(a, mask_a, b, mask_b, grad_y):
+    """(grad_a, grad_b) of add_zero_forward: grad_y at each input's active sites, else 0."""
+    return _cast(zero_inactive(grad_y, mask_a), a), _cast(zero_inactive(grad_y, mask_b), b)
+
+
+def concat_zero_forward(xs, masks) -> np.ndarray:
+    """Zero-ground concatenation: each input is 0 at its inactive sites."""
+    return concat_forward([zero_inactive(x, m) for x, m in zip(xs, masks, strict=True)])
+
+
+def concat_zero_backward(xs, masks, grad_y) -> tuple:
+    """Gradients of concat_zero_forward: each input's slice of grad_y at its active sites."""
+    return tuple(_cast(zero_inactive(g, m), x) for g, x, m in zip(
+        concat_backward(xs, grad_y), xs, masks, strict=True))
