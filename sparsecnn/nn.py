@@ -373,7 +373,11 @@ class _PoolBase(Module):
 
 @_register
 class MaxPooling(_PoolBase):
-    """Max pooling; the ground state is a candidate in windows with inactive sites."""
+    """Max pooling; the ground state is a candidate in windows with inactive sites.
+
+    Ties (which only matter for the gradient) go to the ground, then to the first active
+    site in window order; a dense max-pool that gives them to the first position of the
+    window sends the gradient elsewhere only at such exact ties (both are subgradients)."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         _check_input_dim(self, x)

@@ -1216,7 +1216,8 @@ def net_branch_margin(x, mask, ground, layers, params) -> float:
     """How close the network's forward comes to a branch point whose side decides a gradient:
     the smallest relative distance (distance / (1 + max |layer input|)) of an activation's
     nonzero input to 0, and of a max-pooling window's maximum to its nearest lower candidate
-    (exact ties count as no branch: equal values from one structural source). inf if none.
+    (exact ties count as no branch: equal values from one structural source; but an active
+    value equal to the ground in a ground-mode window is a branch point). inf if none.
 
     Below a dtype's rounding error, a sparse implementation may take the other branch and
     give another, equally valid, subgradient."""
@@ -1240,6 +1241,18 @@ def net_branch_margin(x, mask, ground, layers, params) -> float:
             gap = top[both] - below[both]
             if gap.size:
                 best = min(best, gap.min() / scale)
+            if gs:
+                # an active site's value equal to the ground of a window with an inactive
+                # site: two sources, and which of them takes the gradient is a convention
+                # (the sparse kernels give it to the ground, this oracle to the first
+                # position): a branch point
+                act = np.where(m[:, None], h, -np.inf)
+                ina = np.where(m[:, None], -np.inf, h)
+                top_a = np.stack([act[_window(o, out_sp, s)] for o in window_offsets(f, d)])
+                top_i = np.stack([ina[_window(o, out_sp, s)] for o in window_offsets(f, d)])
+                top_a, top_i = top_a.max(axis=0), top_i.max(axis=0)
+                if np.any(np.isfinite(top_a) & (top_a == top_i) & (top_a == top)):
+                    best = 0.0
     return float(best)
 
 
