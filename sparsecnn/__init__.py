@@ -11,6 +11,12 @@ __version__ = "0.1.0"
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
 from .combine import Concat, Residual, add, concat  # noqa: E402
+from .depthwise import (  # noqa: E402
+    DepthwiseConvolution,
+    SubmanifoldDepthwiseConvolution,
+    depthwise_convolution,
+    submanifold_depthwise_convolution,
+)
 from .functional import cross_entropy  # noqa: E402
 from .heads import (  # noqa: E402
     GlobalAveragePooling,
@@ -55,5 +61,7 @@ __all__ = [
     "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
     "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
     "add", "concat", "Residual", "Concat",
+    "DepthwiseConvolution", "SubmanifoldDepthwiseConvolution", "depthwise_convolution",
+    "submanifold_depthwise_convolution",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]

@@ -36,6 +36,8 @@ KERNEL_NAMES = (
     "avgpool_backward",
     "column_sums",
     "segment_sum_max",
+    "depthwise_forward",
+    "depthwise_backward",
 )
 
 #: host <-> device copies made through :func:`to_device`: keys "to_host" and "to_device"

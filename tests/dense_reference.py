@@ -1469,3 +1469,152 @@ def concat_zero_backward(xs, masks, grad_y) -> tuple:
     """Gradients of concat_zero_forward: each input's slice of grad_y at its active sites."""
     return tuple(_cast(zero_inactive(g, m), x) for g, x, m in zip(
         concat_backward(xs, grad_y), xs, masks, strict=True))
+
+
+# --------------------------------------------------------------------------
+# depthwise convolution (groups = C: one filter per channel)
+# --------------------------------------------------------------------------
+
+__all__ += [
+    "depthwise_forward",
+    "depthwise_backward",
+    "depthwise_zero_forward",
+    "depthwise_zero_backward",
+    "submanifold_depthwise_forward",
+    "submanifold_depthwise_backward",
+    "submanifold_depthwise_zero_forward",
+    "submanifold_depthwise_zero_backward",
+]
+
+
+def _check_dw_weight(w, b, c, f, d):
+    if w.ndim != 2 or w.shape != (f**d, c):
+        raise ValueError(f"depthwise weight shape {w.shape} != (f**d={f**d}, C={c})")
+    if b.shape != (c,):
+        raise ValueError(f"bias shape {b.shape} != (C={c},)")
+
+
+def _dw_fwd64(x, w, b, f, s):
+    d = x.ndim - 2
+    out_sp = pooled_shape(x.shape[2:], f, s)
+    y = np.broadcast_to(_chan(b, d), x.shape[:2] + out_sp).copy()
+    for k, off in enumerate(window_offsets(f, d)):
+        y += _chan(w[k], d) * x[_window(off, out_sp, s)]
+    return y
+
+
+def _dw_bwd64(x, w, f, s, gy):
+    d = x.ndim - 2
+    out_sp = pooled_shape(x.shape[2:], f, s)
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(w)
+    axes = _not_channel_axes(x.ndim)
+    for k, off in enumerate(window_offsets(f, d)):
+        sl = _window(off, out_sp, s)
+        gx[sl] += _chan(w[k], d) * gy
+        gw[k] = (x[sl] * gy).sum(axis=axes)
+    return gx, gw, gy.sum(axis=axes)
+
+
+def depthwise_forward(x, weight, bias, f: int, s: int) -> np.ndarray:
+    """y[b,c,o] = bias[c] + sum_k weight[k,c] x[b,c,o*s+i_k]; x (B,C,*N), weight (f**d,C)
+    -> y (B,C,*((N-f)//s+1)) (the dense convolution with groups = C)."""
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    d = _check_features(x64)
+    _check_dw_weight(w64, b64, x64.shape[1], f, d)
+    return _cast(_dw_fwd64(x64, w64, b64, f, s), x)
+
+
+def depthwise_backward(x, weight, bias, f: int, s: int, grad_y):
+    """(dL/dx (B,C,*N), dL/dweight (K,C), dL/dbias (C,)) of depthwise_forward."""
+    x64, w64, b64, gy = _f64(x), _f64(weight), _f64(bias), _f64(grad_y)
+    d = _check_features(x64)
+    _check_dw_weight(w64, b64, x64.shape[1], f, d)
+    expected = x64.shape[:2] + pooled_shape(x64.shape[2:], f, s)
+    if gy.shape != expected:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {expected}")
+    gx, gw, gb = _dw_bwd64(x64, w64, f, s, gy)
+    return _cast(gx, x), _cast(gw, weight), _cast(gb, bias)
+
+
+def depthwise_zero_forward(x, mask, weight, bias, f: int, s: int) -> np.ndarray:
+    """Zero-ground depthwise convolution: bias + sum over the active inputs of o's window at
+    active outputs o (window_mask), 0 elsewhere."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = depthwise_forward(np.where(m[:, None], x64, 0.0), weight, bias, f, s)
+    return _cast(np.where(window_mask(m, f, s)[:, None], _f64(y), 0.0), x)
+
+
+def depthwise_zero_backward(x, mask, weight, bias, f: int, s: int, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of depthwise_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gx, gw, gb = depthwise_backward(np.where(m[:, None], x64, 0.0), weight, bias, f, s,
+                                    np.where(window_mask(m, f, s)[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+def _check_subm_dw(x64, mask, g64, w64, b64, f):
+    d = _check_features(x64)
+    if f % 2 != 1:
+        raise ValueError(f"submanifold convolution needs an odd filter size, got f={f}")
+    if mask.shape != (x64.shape[0],) + x64.shape[2:]:
+        raise ValueError(f"mask shape {mask.shape} != (B, *spatial)")
+    if g64.shape != (x64.shape[1],):
+        raise ValueError(f"ground shape {g64.shape} != (C={x64.shape[1]},)")
+    _check_dw_weight(w64, b64, x64.shape[1], f, d)
+    return d
+
+
+def submanifold_depthwise_forward(x, mask, ground, weight, bias, f: int) -> np.ndarray:
+    """At active p: bias + sum_k W[k] * x[p - f//2 + i_k] (out-of-grid = ground); at inactive
+    p: g_out = bias + (sum_k W[k]) * ground. x (B,C,*N), mask (B,*N) -> y (B,C,*N)."""
+    x64, g64, w64, b64 = _f64(x), _f64(ground), _f64(weight), _f64(bias)
+    mask = np.asarray(mask, dtype=bool)
+    d = _check_subm_dw(x64, mask, g64, w64, b64, f)
+    xp, _ = _pad_with_ground(x64, g64, f // 2)
+    y = np.where(mask[:, None], _dw_fwd64(xp, w64, b64, f, 1),
+                 _chan(b64 + w64.sum(axis=0) * g64, d))
+    return _cast(y, x)
+
+
+def submanifold_depthwise_backward(x, mask, ground, weight, bias, f: int, grad_y):
+    """(grad_x (B,C,*N) w.r.t. every entry of x, grad_ground (C,) direct (padding + inactive
+    outputs), grad_weight (K,C), grad_bias (C,)) of submanifold_depthwise_forward."""
+    x64, g64, w64, b64, gy = _f64(x), _f64(ground), _f64(weight), _f64(bias), _f64(grad_y)
+    mask = np.asarray(mask, dtype=bool)
+    _check_subm_dw(x64, mask, g64, w64, b64, f)
+    if gy.shape != x64.shape:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {x64.shape}")
+    m = mask[:, None]
+    xp, interior = _pad_with_ground(x64, g64, f // 2)
+    gxp, gw, _ = _dw_bwd64(xp, w64, f, 1, np.where(m, gy, 0.0))
+    gx = gxp[interior].copy()
+    gxp[interior] = 0.0
+    G = np.where(m, 0.0, gy).sum(axis=_not_channel_axes(gy.ndim))     # inactive outputs
+    g_ground = gxp.sum(axis=_not_channel_axes(gxp.ndim)) + w64.sum(axis=0) * G
+    gw = gw + g64[None, :] * G[None, :]
+    gb = gy.sum(axis=_not_channel_axes(gy.ndim))
+    return _cast(gx, x), _cast(g_ground, ground), _cast(gw, weight), _cast(gb, bias)
+
+
+def submanifold_depthwise_zero_forward(x, mask, weight, bias, f: int) -> np.ndarray:
+    """Zero-ground submanifold depthwise convolution: at active p, bias + sum_k W[k] *
+    x[p - f//2 + i_k] over the active neighbours; 0 at inactive p."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = submanifold_depthwise_forward(np.where(m[:, None], x64, 0.0), m,
+                                      np.zeros(x64.shape[1]), weight, bias, f)
+    return _cast(np.where(m[:, None], _f64(y), 0.0), x)
+
+
+def submanifold_depthwise_zero_backward(x, mask, weight, bias, f: int, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of
+    submanifold_depthwise_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gx, _, gw, gb = submanifold_depthwise_backward(
+        np.where(m[:, None], x64, 0.0), m, np.zeros(x64.shape[1]), weight, bias, f,
+        np.where(m[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb

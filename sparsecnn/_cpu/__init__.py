@@ -28,6 +28,8 @@ from ._ops import (  # noqa: E402
     conv_backward,
     conv_forward,
     conv_maxpool_forward,
+    depthwise_backward,
+    depthwise_forward,
     input_window_of,
     maxpool_backward,
     maxpool_forward,
@@ -44,7 +46,7 @@ __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
     "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
     "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "segment_sum_max",
-    "KERNEL_NAMES",
+    "depthwise_forward", "depthwise_backward", "KERNEL_NAMES",
     "CAPABILITIES", "USE_OPENMP", "max_threads", "blas_info", "single_threaded_blas",
     "window_of", "input_window_of", "SMALL_CIN", "INPUT_SIDE_FILL",
 ]

@@ -119,6 +119,44 @@ def conv_maxpool_forward(features: Any, weight: Any, row: Any, g_in: Any, conv_r
                                  negative_slope=negative_slope)
 
 
+# -- depthwise convolution ----------------------------------------------------------------------
+# NumPy, offset by offset: within one offset every output (and every input) has at most one
+# pair, so a fancy-indexed += writes each row once (no np.add.at needed), and each output's sum
+# runs over the offsets in ascending order, as on the GPU.
+def depthwise_forward(features: Any, weight: Any, row: Any, g_in: Any, rb: Any) -> Any:
+    """``out[o, c] = row[c] + sum over the pairs (i, o, k) of W[k, c] (x[i, c] - g_in[c])``:
+    (n_out, C). features (n_in, C); weight (K, C); row, g_in (C,)."""
+    C = weight.shape[1]
+    out = np.empty((rb.n_out, C), dtype=features.dtype)
+    out[...] = row
+    off = rb.offsets.tolist()
+    for k in range(len(off) - 1):
+        lo, hi = off[k], off[k + 1]
+        if lo < hi:
+            out[rb.out_idx[lo:hi]] += weight[k] * (features[rb.in_idx[lo:hi]] - g_in)
+    return out
+
+
+def depthwise_backward(features: Any, weight: Any, g_in: Any, grad_out: Any, rb: Any, *,
+                       grad_input: bool = True) -> tuple[Any, Any]:
+    """(grad_features (n_in, C) or None, grad_weight (K, C)) of depthwise_forward (the weight
+    gradient without the ground term g_in * sum(grad_out), which the op adds)."""
+    K, C = weight.shape
+    gx = np.zeros((features.shape[0], C), dtype=features.dtype) if grad_input else None
+    gw = np.zeros((K, C), dtype=features.dtype)
+    off = rb.offsets.tolist()
+    for k in range(K):
+        lo, hi = off[k], off[k + 1]
+        if lo == hi:
+            continue
+        i, o = rb.in_idx[lo:hi], rb.out_idx[lo:hi]
+        gy = grad_out[o]
+        gw[k] = ((features[i] - g_in) * gy).sum(axis=0)
+        if grad_input:
+            gx[i] += weight[k] * gy
+    return gx, gw
+
+
 # -- pooling ------------------------------------------------------------------------------------
 def maxpool_forward(features: Any, ground: Any, rb: Any, *,
                     negative_slope: float | None = None) -> tuple[Any, Any]:

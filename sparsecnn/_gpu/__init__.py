@@ -11,6 +11,7 @@ Importing this package never needs CuPy; :func:`status` tells whether the backen
 from __future__ import annotations
 
 from .. import backend
+from ._depthwise import depthwise_backward, depthwise_forward
 from ._float import (
     avgpool_backward,
     avgpool_forward,
@@ -35,7 +36,7 @@ __all__ = [
     "build_hash", "build_conv_rulebook", "build_submanifold_rulebook", "build_window",
     "conv_forward", "conv_backward", "conv_maxpool_forward", "maxpool_forward",
     "maxpool_backward", "avgpool_forward", "avgpool_backward", "column_sums", "segment_sum_max",
-    "KERNEL_NAMES",
+    "depthwise_forward", "depthwise_backward", "KERNEL_NAMES",
     "CAPABILITIES", "status", "has_cupy", "device_name",
 ]
 assert set(KERNEL_NAMES) | CAPABILITIES <= set(__all__)
