@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
 from .combine import Concat, Residual, add, concat  # noqa: E402
+from .fmp import FMPNet, FractionalMaxPooling, fmp_net, fractional_max_pooling  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
 from .heads import (  # noqa: E402
     GlobalAveragePooling,
@@ -55,5 +56,6 @@ __all__ = [
     "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
     "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
     "add", "concat", "Residual", "Concat",
+    "FractionalMaxPooling", "fractional_max_pooling", "FMPNet", "fmp_net",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]
