@@ -17,6 +17,7 @@ from .depthwise import (  # noqa: E402
     depthwise_convolution,
     submanifold_depthwise_convolution,
 )
+from .fmp import FMPNet, FractionalMaxPooling, fmp_net, fractional_max_pooling  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
 from .heads import (  # noqa: E402
     GlobalAveragePooling,
@@ -63,5 +64,6 @@ __all__ = [
     "add", "concat", "Residual", "Concat",
     "DepthwiseConvolution", "SubmanifoldDepthwiseConvolution", "depthwise_convolution",
     "submanifold_depthwise_convolution",
+    "FractionalMaxPooling", "fractional_max_pooling", "FMPNet", "fmp_net",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]

@@ -1618,3 +1618,73 @@ def submanifold_depthwise_zero_backward(x, mask, weight, bias, f: int, grad_y):
         np.where(m[:, None], x64, 0.0), m, np.zeros(x64.shape[1]), weight, bias, f,
         np.where(m[:, None], gy, 0.0))
     return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+# fractional max-pooling (Graham, arXiv 1412.6071): the regions are given
+# --------------------------------------------------------------------------
+
+
+def _fmp_argmax(x64, regions):
+    """Max and first (row-major inside the region) argmax position over product regions:
+    regions[j] (n_out_j, 2) [start, end) ranges of dimension j. Returns best (B,C,*n_out) and
+    the winning flat input index per output (B,C,*n_out)."""
+    spatial = x64.shape[2:]
+    out_sp = tuple(len(r) for r in regions)
+    best = np.empty(x64.shape[:2] + out_sp)
+    arg = np.empty(x64.shape[:2] + out_sp, dtype=np.int64)
+    B, C = x64.shape[:2]
+    for o in itertools.product(*(range(n) for n in out_sp)):
+        rng_ = [np.arange(r[i][0], r[i][1]) for r, i in zip(regions, o, strict=True)]
+        pts = np.stack(np.meshgrid(*rng_, indexing="ij"), -1).reshape(-1, len(rng_))
+        flat = np.ravel_multi_index(tuple(pts.T), spatial)
+        vals = x64.reshape(B, C, -1)[:, :, flat]
+        k = np.argmax(vals, axis=2)          # first maximum in row-major region order
+        best[(slice(None), slice(None)) + o] = np.take_along_axis(vals, k[..., None], 2)[..., 0]
+        arg[(slice(None), slice(None)) + o] = flat[k]
+    return best, arg
+
+
+def fmp_mask(mask, regions) -> np.ndarray:
+    """Output mask: True where the product region holds an active input of mask (B,*N)."""
+    m = np.asarray(mask, dtype=bool)[:, None].astype(np.float64)
+    best, _ = _fmp_argmax(m, regions)
+    return best[:, 0] > 0
+
+
+def fmp_forward(x, regions) -> np.ndarray:
+    """y[b,c,o] = max of x[b,c] over the region prod_j [regions[j][o_j, 0], regions[j][o_j, 1])."""
+    x64 = _f64(x)
+    _check_features(x64)
+    return _cast(_fmp_argmax(x64, regions)[0], x)
+
+
+def fmp_backward(x, regions, grad_y) -> np.ndarray:
+    """dL/dx: grad_y[o] routed to the first maximal (row-major) position of region o
+    (overlapping regions add up)."""
+    x64, gy = _f64(x), _f64(grad_y)
+    _check_features(x64)
+    _, arg = _fmp_argmax(x64, regions)
+    B, C = x64.shape[:2]
+    gx = np.zeros((B, C, int(np.prod(x64.shape[2:]))))
+    bi, ci = np.meshgrid(np.arange(B), np.arange(C), indexing="ij")
+    for o in itertools.product(*(range(len(r)) for r in regions)):
+        idx = (slice(None), slice(None)) + o
+        np.add.at(gx, (bi, ci, arg[idx]), gy[idx])
+    return _cast(gx.reshape(x64.shape), x)
+
+
+def fmp_zero_forward(x, mask, regions) -> np.ndarray:
+    """Zero-ground form: max over the region's active positions at active outputs, else 0."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    best, _ = _fmp_argmax(np.where(m[:, None], x64, -np.inf), regions)
+    return _cast(np.where(fmp_mask(m, regions)[:, None], best, 0.0), x)
+
+
+def fmp_zero_backward(x, mask, regions, grad_y) -> np.ndarray:
+    """grad_y of each active output routed to its region's first maximal active position."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    gy = np.where(fmp_mask(m, regions)[:, None], gy, 0.0)
+    gx = fmp_backward(np.where(m[:, None], x64, -np.inf), regions, gy)
+    return _cast(np.where(m[:, None], gx, 0.0), x)
