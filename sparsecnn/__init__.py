@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
 from .combine import Concat, Residual, add, concat  # noqa: E402
+from .deconv import Deconvolution, InverseConvolution, UnPooling  # noqa: E402
 from .functional import cross_entropy  # noqa: E402
 from .heads import (  # noqa: E402
     GlobalAveragePooling,
@@ -54,6 +55,6 @@ __all__ = [
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
     "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
     "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
-    "add", "concat", "Residual", "Concat",
+    "add", "concat", "Residual", "Concat", "Deconvolution", "InverseConvolution", "UnPooling",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]
