@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import functional, models, optim  # noqa: E402
 from .autograd import Parameter, is_grad_enabled, no_grad  # noqa: E402
 from .combine import Concat, Residual, add, concat  # noqa: E402
+from .deconv import Deconvolution, InverseConvolution, UnPooling  # noqa: E402
 from .depthwise import (  # noqa: E402
     DepthwiseConvolution,
     SubmanifoldDepthwiseConvolution,
@@ -65,5 +66,6 @@ __all__ = [
     "DepthwiseConvolution", "SubmanifoldDepthwiseConvolution", "depthwise_convolution",
     "submanifold_depthwise_convolution",
     "FractionalMaxPooling", "fractional_max_pooling", "FMPNet", "fmp_net",
+    "add", "concat", "Residual", "Concat", "Deconvolution", "InverseConvolution", "UnPooling",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]

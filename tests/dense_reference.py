@@ -1688,3 +1688,170 @@ def fmp_zero_backward(x, mask, regions, grad_y) -> np.ndarray:
     gy = np.where(fmp_mask(m, regions)[:, None], gy, 0.0)
     gx = fmp_backward(np.where(m[:, None], x64, -np.inf), regions, gy)
     return _cast(np.where(m[:, None], gx, 0.0), x)
+
+
+# transposed convolution (Deconvolution) and unpooling
+# --------------------------------------------------------------------------
+#
+# Input position i adds W_k^T x[i] to output position i*s + k (k the row-major window
+# offset), output size (N - 1)*s + f; the bias is added everywhere. In torch's
+# ConvTranspose layout (C_in, C_out, f, ..., f): weight[k, ci, co] == torch_weight[ci, co,
+# i0, i1, ...]. Unpooling is the same with identity weights and no bias. The sparse inverse
+# modes (InverseConvolution, UnPooling) equal these read at the active sites of the tensor
+# the pooling came from (zero_inactive of the result with that tensor's mask).
+
+__all__ += [
+    "deconv_shape",
+    "deconv_weight_to_torch_layout",
+    "deconv_torch_loops",
+    "deconv_mask",
+    "deconv_forward",
+    "deconv_backward",
+    "deconv_zero_forward",
+    "deconv_zero_backward",
+    "unpool_forward",
+    "unpool_backward",
+]
+
+
+def deconv_shape(spatial, f: int, s: int) -> tuple:
+    """Per-dim output size (N - 1)*s + f of a transposed convolution."""
+    if f < 1 or s < 1:
+        raise ValueError(f"filter size and stride must be >= 1, got f={f}, s={s}")
+    return tuple((n - 1) * s + f for n in spatial)
+
+
+def deconv_weight_to_torch_layout(w, f: int, d: int) -> np.ndarray:
+    """(K, C_in, C_out) library layout -> (C_in, C_out, f, ..., f) torch ConvTranspose layout."""
+    w = np.asarray(w)
+    if w.ndim != 3 or w.shape[0] != f**d:
+        raise ValueError(f"weight shape {w.shape} incompatible with f={f}, d={d}")
+    _, cin, cout = w.shape
+    return np.ascontiguousarray(np.transpose(w, (1, 2, 0)).reshape((cin, cout) + (f,) * d))
+
+
+def deconv_torch_loops(x, torch_weight, bias, s: int) -> np.ndarray:
+    """The transposed convolution written from torch's definition with plain loops (no
+    library layout): y[b, co, i*s + j] += x[b, ci, i] * torch_weight[ci, co, j] + bias[co].
+    Slow; for small hand checks of the layout."""
+    x64, tw, b64 = _f64(x), _f64(torch_weight), _f64(bias)
+    d = _check_features(x64)
+    f = tw.shape[2]
+    B, cin = x64.shape[:2]
+    cout = tw.shape[1]
+    y = np.zeros((B, cout) + deconv_shape(x64.shape[2:], f, s))
+    for bi in range(B):
+        for co in range(cout):
+            y[(bi, co)] += b64[co]
+            for i in itertools.product(*(range(n) for n in x64.shape[2:])):
+                for j in itertools.product(range(f), repeat=d):
+                    o = tuple(a * s + c for a, c in zip(i, j, strict=True))
+                    for ci in range(cin):
+                        y[(bi, co) + o] += x64[(bi, ci) + i] * tw[(ci, co) + j]
+    return _cast(y, x)
+
+
+def _deconv_window(offset, in_shape, s) -> tuple:
+    """Index selecting y[:, :, i*s + offset] for all input positions i."""
+    return _window(offset, in_shape, s)
+
+
+def _deconv_fwd64(x, w, b, f, s):
+    d = x.ndim - 2
+    in_sp = x.shape[2:]
+    y = np.broadcast_to(_chan(b, d), (x.shape[0], w.shape[2]) + deconv_shape(in_sp, f, s)).copy()
+    for k, off in enumerate(window_offsets(f, d)):
+        y[_deconv_window(off, in_sp, s)] += np.einsum("bi...,io->bo...", x, w[k])
+    return y
+
+
+def _deconv_bwd64(x, w, f, s, gy):
+    d = x.ndim - 2
+    in_sp = x.shape[2:]
+    gx = np.zeros_like(x)
+    gw = np.zeros_like(w)
+    for k, off in enumerate(window_offsets(f, d)):
+        g = gy[_deconv_window(off, in_sp, s)]
+        gx += np.einsum("bo...,io->bi...", g, w[k])
+        gw[k] = _sum_outer(x, g)
+    return gx, gw, gy.sum(axis=_not_channel_axes(gy.ndim))
+
+
+def deconv_mask(mask, f: int, s: int) -> np.ndarray:
+    """Output mask (B,*((N-1)*s+f)) of a transposed convolution: True where an active input's
+    window [i*s, i*s + f)^d holds the position."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim < 2:
+        raise ValueError(f"mask must have shape (B, *spatial) with d >= 1, got {mask.shape}")
+    d = mask.ndim - 1
+    in_sp = mask.shape[1:]
+    out = np.zeros((mask.shape[0],) + deconv_shape(in_sp, f, s), dtype=bool)
+    for off in window_offsets(f, d):
+        out[(slice(None),) + tuple(slice(i, i + s * (n - 1) + 1, s)
+                                   for i, n in zip(off, in_sp, strict=True))] |= mask
+    return out
+
+
+def deconv_forward(x, weight, bias, f: int, s: int) -> np.ndarray:
+    """y[b,co,i*s+i_k] += sum_ci weight[k,ci,co] x[b,ci,i], plus bias[co] everywhere; x
+    (B,Ci,*N), weight (f**d,Ci,Co) -> y (B,Co,*((N-1)*s+f))."""
+    x64, w64, b64 = _f64(x), _f64(weight), _f64(bias)
+    d = _check_features(x64)
+    _check_conv_weight(w64, b64, x64.shape[1], f, d)
+    return _cast(_deconv_fwd64(x64, w64, b64, f, s), x)
+
+
+def deconv_backward(x, weight, bias, f: int, s: int, grad_y):
+    """(dL/dx (B,Ci,*N), dL/dweight (K,Ci,Co), dL/dbias (Co,)) of deconv_forward."""
+    x64, w64, b64, gy = _f64(x), _f64(weight), _f64(bias), _f64(grad_y)
+    d = _check_features(x64)
+    _check_conv_weight(w64, b64, x64.shape[1], f, d)
+    expected = (x64.shape[0], w64.shape[2]) + deconv_shape(x64.shape[2:], f, s)
+    if gy.shape != expected:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {expected}")
+    gx, gw, gb = _deconv_bwd64(x64, w64, f, s, gy)
+    return _cast(gx, x), _cast(gw, weight), _cast(gb, bias)
+
+
+def deconv_zero_forward(x, mask, weight, bias, f: int, s: int) -> np.ndarray:
+    """Zero-ground transposed convolution: inactive inputs count as 0; the bias and the sums
+    at active outputs (deconv_mask), 0 elsewhere."""
+    x64 = _f64(x)
+    m = _mask64(mask, x64)
+    y = deconv_forward(np.where(m[:, None], x64, 0.0), weight, bias, f, s)
+    return _cast(np.where(deconv_mask(m, f, s)[:, None], _f64(y), 0.0), x)
+
+
+def deconv_zero_backward(x, mask, weight, bias, f: int, s: int, grad_y):
+    """(grad_x (0 at inactive positions), grad_weight, grad_bias) of deconv_zero_forward."""
+    x64, gy = _f64(x), _f64(grad_y)
+    m = _mask64(mask, x64)
+    out_m = deconv_mask(m, f, s)
+    gx, gw, gb = deconv_backward(np.where(m[:, None], x64, 0.0), weight, bias, f, s,
+                                 np.where(out_m[:, None], gy, 0.0))
+    return _cast(np.where(m[:, None], _f64(gx), 0.0), x), gw, gb
+
+
+def unpool_forward(x, f: int, s: int) -> np.ndarray:
+    """Each position's value copied to every position of its window [i*s, i*s + f)^d, summed
+    where windows overlap (deconv_forward with identity weights, no bias)."""
+    x64 = _f64(x)
+    d = _check_features(x64)
+    in_sp = x64.shape[2:]
+    y = np.zeros(x64.shape[:2] + deconv_shape(in_sp, f, s))
+    for off in window_offsets(f, d):
+        y[_deconv_window(off, in_sp, s)] += x64
+    return _cast(y, x)
+
+
+def unpool_backward(x, f: int, s: int, grad_y) -> np.ndarray:
+    """dL/dx of unpool_forward: the sum of grad_y over each window."""
+    x64, gy = _f64(x), _f64(grad_y)
+    d = _check_features(x64)
+    in_sp = x64.shape[2:]
+    if gy.shape != x64.shape[:2] + deconv_shape(in_sp, f, s):
+        raise ValueError(f"grad_y shape {gy.shape} does not match the output of unpooling")
+    gx = np.zeros_like(x64)
+    for off in window_offsets(f, d):
+        gx += gy[_deconv_window(off, in_sp, s)]
+    return _cast(gx, x)
