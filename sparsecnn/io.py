@@ -100,9 +100,22 @@ def _param_count(spec: Any, depth: int = 0) -> int:
             raise ValueError(f"bad {key}={v!r} in model spec")
         return v
     kind = spec.get("type")
-    if kind in ("Convolution", "SubmanifoldConvolution"):
+    if kind in ("Convolution", "SubmanifoldConvolution", "Deconvolution",
+                "InverseConvolution"):
         return num("filter_size") ** num("dim", 2) * num("in_channels") * num(
             "out_channels") + num("out_channels")
+    if kind in ("DepthwiseConvolution", "SubmanifoldDepthwiseConvolution"):
+        return (num("filter_size") ** num("dim", 2) + 1) * num("channels")
+    if kind == "FMPNet":
+        L, k, d = num("n_layers"), num("k"), num("dim", 2)
+        if L > 64:
+            raise ValueError(f"bad n_layers={L} in model spec")
+        total, cin = 0, num("in_channels")
+        for i in range(1, L + 2):              # L (C2 - FMP) stages, then a final C2
+            cout = k * i
+            total += 2 ** d * cin * cout + cout
+            cin = cout
+        return total + (cin + 1) * num("num_classes")
     if kind == "NetworkInNetwork":
         return (num("in_channels") + 1) * num("out_channels")
     if kind == "Linear":

@@ -540,3 +540,35 @@ def test_layers_refuse_huge_weights_before_allocating(make, match):
     finally:
         tracemalloc.stop()
     assert peak < 2**20
+
+
+def test_the_model_file_check_counts_every_layer_types_parameters():
+    """scn.load bounds a spec's parameters before building it: the count must cover every
+    registered layer type (a new type the count does not know would let a hostile file ask
+    for any size)."""
+    from sparsecnn.io import _param_count
+    from sparsecnn.nn import LAYERS
+    examples = {
+        "AveragePooling": scn.AveragePooling(2), "BatchNorm": scn.BatchNorm(3),
+        "Concat": scn.Concat(scn.Sequential(), scn.Convolution(2, 3, 1)),
+        "Convolution": scn.Convolution(2, 3, 2), "Deconvolution": scn.Deconvolution(2, 3, 2, 2),
+        "DeepCNet": scn.models.DeepCNet(2, 4), "DeepCNiN": scn.models.DeepCNiN(2, 4),
+        "DepthwiseConvolution": scn.DepthwiseConvolution(3, 3), "Dropout": scn.Dropout(0.1),
+        "FMPNet": scn.fmp_net(2, 4), "Flatten": scn.Flatten(),
+        "FractionalMaxPooling": scn.FractionalMaxPooling(1.5),
+        "GlobalAveragePooling": scn.GlobalAveragePooling(),
+        "GlobalMaxPooling": scn.GlobalMaxPooling(),
+        "InverseConvolution": scn.InverseConvolution(2, 3, 2, 2), "LeakyReLU": scn.LeakyReLU(),
+        "Linear": scn.Linear(3, 2), "MaxPooling": scn.MaxPooling(2),
+        "NetworkInNetwork": scn.NetworkInNetwork(2, 3), "ReLU": scn.ReLU(),
+        "Residual": scn.Residual(scn.SubmanifoldConvolution(2, 2, 3)),
+        "Sequential": scn.Sequential(scn.Convolution(1, 2, 2), scn.BatchNorm(2)),
+        "SparseToDense": scn.SparseToDense(),
+        "SubmanifoldConvolution": scn.SubmanifoldConvolution(2, 3, 3),
+        "SubmanifoldDepthwiseConvolution": scn.SubmanifoldDepthwiseConvolution(3, 3),
+        "UnPooling": scn.UnPooling(2),
+    }
+    assert set(examples) == set(LAYERS), sorted(set(LAYERS) ^ set(examples))
+    for name, m in examples.items():
+        real = sum(int(p.data.size) for p in m.parameters())
+        assert _param_count(m.spec()) >= real, name
