@@ -19,6 +19,7 @@ from .heads import (  # noqa: E402
     global_max_pool,
 )
 from .io import load, save  # noqa: E402
+from .losses import site_cross_entropy  # noqa: E402
 from .nn import (  # noqa: E402
     AveragePooling,
     BatchNorm,
@@ -53,7 +54,8 @@ __all__ = [
     "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
     "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
-    "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
+    "global_max_pool", "global_average_pool", "cross_entropy", "site_cross_entropy", "save",
+    "load",
     "add", "concat", "Residual", "Concat",
     "functional", "models", "optim", "data", "train", "stats", "__version__",
 ]

@@ -1456,3 +1456,34 @@ def concat_zero_backward(xs, masks, grad_y) -> tuple:
     """Gradients of concat_zero_forward: each input's slice of grad_y at its active sites."""
     return tuple(_cast(zero_inactive(g, m), x) for g, x, m in zip(
         concat_backward(xs, grad_y), xs, masks, strict=True))
+
+
+# --------------------------------------------------------------------------
+# per-site losses (segmentation)
+# --------------------------------------------------------------------------
+#
+# Per-site logits (n, C) of the active sites with one label each; sites whose label is
+# ignore_index are not scored. The loss is the mean over the labelled sites.
+
+__all__ += ["site_cross_entropy_forward", "site_cross_entropy_backward"]
+
+
+def _site_keep(labels, ignore_index):
+    labels = np.asarray(labels)
+    return np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+
+
+def site_cross_entropy_forward(logits, labels, ignore_index=None, label_smoothing=0.0):
+    """Mean over the labelled sites of -sum_c t[i,c] log softmax(logits)[i,c] -> scalar."""
+    keep = _site_keep(labels, ignore_index)
+    z = _f64(logits)
+    return cross_entropy_forward(z[keep], np.asarray(labels)[keep], label_smoothing)
+
+
+def site_cross_entropy_backward(logits, labels, ignore_index=None, label_smoothing=0.0):
+    """dL/dlogits (n, C): (softmax - t) / n_labelled at labelled sites, 0 at ignored ones."""
+    keep = _site_keep(labels, ignore_index)
+    z = _f64(logits)
+    g = np.zeros_like(z)
+    g[keep] = cross_entropy_backward(z[keep], np.asarray(labels)[keep], label_smoothing)
+    return _cast(g, logits)
