@@ -17,7 +17,14 @@ from sparsecnn.functional import colsum
 from sparsecnn.geometry import Geometry, Rulebook
 from sparsecnn.nn import LAYERS, Module, he_normal
 from tests import dense_reference as ref
-from tests.sparse_helpers import assert_close, np_, oracle_input, oracle_net, random_sparse
+from tests.sparse_helpers import (
+    assert_close,
+    dense_of,
+    np_,
+    oracle_input,
+    oracle_net,
+    random_sparse,
+)
 from tests.test_dense_reference import assert_vjp, away_from_zero
 
 
@@ -91,7 +98,6 @@ def check_graph(modules, run, x, rng, at_input_sites=False, rtol_scale=1.0):
             G[tuple(c[:, 0]), :, *tuple(c[:, 1:].T)] = rng.standard_normal((len(c),
                                                                             y_ref.shape[1]))
         else:
-            from tests.sparse_helpers import dense_of
             np.testing.assert_array_equal(dense_of(y)[1], m_ref, err_msg="active sites")
             assert_close(y.ground, g_ref, dt, "output ground")
             G = rng.standard_normal(y_ref.shape)
@@ -455,7 +461,7 @@ def test_unet_trains_and_round_trips(stand_in, device, rng, tmp_path):
     labels = (np_(x.features)[:, 0] > 0).astype(np.int64)
     opt = scn.optim.SGD(net.parameters(), 0.1, momentum=0.9)
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss = scn.site_cross_entropy(net(x), labels)
         opt.zero_grad()
         loss.backward()
@@ -477,6 +483,9 @@ def test_unet_input_checks(stand_in, rng):
         net(random_sparse(rng, 1, (6, 6), 1, 0.5, np.float32))
     with pytest.raises(ValueError, match="expects 1 input channels"):
         net(random_sparse(rng, 1, (8, 8), 2, 0.5, np.float32))
+    one_level = scn.models.UNet((3,), 2, in_channels=1, num_classes=4)   # no skip at all
+    x = random_sparse(rng, 1, (5, 5), 1, 0.5, np.float32)
+    assert one_level(x).geometry is x.geometry and one_level(x).channels == 4
 
 
 def test_unet_without_deconvolution(monkeypatch):
