@@ -27,6 +27,7 @@ from .heads import (  # noqa: E402
     global_max_pool,
 )
 from .io import load, save  # noqa: E402
+from .losses import site_cross_entropy  # noqa: E402
 from .nn import (  # noqa: E402
     AveragePooling,
     BatchNorm,
@@ -61,7 +62,8 @@ __all__ = [
     "Module", "Sequential", "Convolution", "SubmanifoldConvolution", "MaxPooling",
     "AveragePooling", "NetworkInNetwork", "ReLU", "LeakyReLU", "Dropout", "BatchNorm",
     "SparseToDense", "Flatten", "Linear", "GlobalMaxPooling", "GlobalAveragePooling",
-    "global_max_pool", "global_average_pool", "cross_entropy", "save", "load",
+    "global_max_pool", "global_average_pool", "cross_entropy", "site_cross_entropy", "save",
+    "load",
     "add", "concat", "Residual", "Concat",
     "DepthwiseConvolution", "SubmanifoldDepthwiseConvolution", "depthwise_convolution",
     "submanifold_depthwise_convolution",

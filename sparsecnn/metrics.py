@@ -25,7 +25,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["accuracy", "topk_accuracy", "RunningMean", "MetricTracker"]
+__all__ = ["accuracy", "topk_accuracy", "site_accuracy", "RunningMean", "MetricTracker"]
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -154,6 +154,48 @@ def accuracy(logits: Any, labels: Any, topk: int = 1) -> float:
     """
     k = _check_k(topk, "topk")
     return topk_accuracy(logits, labels, (k,))[k]
+
+
+def site_accuracy(logits: Any, labels: Any, *, topk: int = 1,
+                  ignore_index: int | None = None) -> float:
+    """Per-site accuracy: the fraction of the labelled active sites whose label is among
+    the ``topk`` best scores (ties count against the prediction, as in :func:`accuracy`).
+
+    Parameters
+    ----------
+    logits : SparseTensor (n_active, n_classes), or array_like of that shape
+        Per-site scores; row i is the site ``logits.coords[i]``.
+    labels : array_like of int, shape (n_active,)
+        The class of each active site in the logits' row order, or ``ignore_index``.
+    topk : int, default 1
+    ignore_index : int or None
+        A label value for sites that are not scored.
+
+    Raises
+    ------
+    ValueError
+        On shape mismatch, labels out of range, NaN logits, or no labelled site.
+    TypeError
+        On non-integer labels.
+    """
+    from .tensor import SparseTensor  # tensor imports nothing of this module
+
+    k = _check_k(topk, "topk")
+    scores = logits.features if isinstance(logits, SparseTensor) else logits
+    scores = _to_numpy(scores, "logits")
+    lab = _to_numpy(labels, "labels")
+    if ignore_index is not None:
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, Integral):
+            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
+        if lab.ndim == 1 and scores.ndim == 2 and lab.shape[0] == scores.shape[0]:
+            keep = lab != ignore_index
+            if not keep.any():
+                raise ValueError(f"no labelled site: all {lab.shape[0]} labels are "
+                                 f"ignore_index={ignore_index}")
+            scores, lab = scores[keep], lab[keep]
+    if scores.ndim == 2 and scores.shape[0] == 0 and lab.shape == (0,):
+        raise ValueError("site accuracy is undefined without active sites (0 sites)")
+    return topk_accuracy(scores, lab, (k,))[k]
 
 
 def _as_float(value: Any, name: str) -> float:

@@ -1855,3 +1855,260 @@ def unpool_backward(x, f: int, s: int, grad_y) -> np.ndarray:
     for off in window_offsets(f, d):
         gx += gy[_deconv_window(off, in_sp, s)]
     return _cast(gx, x)
+
+
+# per-site losses (segmentation)
+# --------------------------------------------------------------------------
+#
+# Per-site logits (n, C) of the active sites with one label each; sites whose label is
+# ignore_index are not scored. The loss is the mean over the labelled sites.
+
+__all__ += ["site_cross_entropy_forward", "site_cross_entropy_backward"]
+
+
+def _site_keep(labels, ignore_index):
+    labels = np.asarray(labels)
+    return np.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+
+
+def site_cross_entropy_forward(logits, labels, ignore_index=None, label_smoothing=0.0):
+    """Mean over the labelled sites of -sum_c t[i,c] log softmax(logits)[i,c] -> scalar."""
+    keep = _site_keep(labels, ignore_index)
+    z = _f64(logits)
+    return cross_entropy_forward(z[keep], np.asarray(labels)[keep], label_smoothing)
+
+
+def site_cross_entropy_backward(logits, labels, ignore_index=None, label_smoothing=0.0):
+    """dL/dlogits (n, C): (softmax - t) / n_labelled at labelled sites, 0 at ignored ones."""
+    keep = _site_keep(labels, ignore_index)
+    z = _f64(logits)
+    g = np.zeros_like(z)
+    g[keep] = cross_entropy_backward(z[keep], np.asarray(labels)[keep], label_smoothing)
+    return _cast(g, logits)
+
+
+# --------------------------------------------------------------------------
+# networks with residual sums and global pooling (the ResNet / VGG builders)
+# --------------------------------------------------------------------------
+#
+# graph_forward / graph_backward extend net_forward / net_backward (same augmented batch:
+# the ground travels as an extra all-inactive sample) with three more specs:
+#   ("residual", block, shortcut, gs)   add(shortcut(h), block(h)): block and shortcut are
+#                                       layer lists (shortcut None: the identity); their
+#                                       params come in that order; the active set is the union;
+#                                       gs False: each side counts 0 at its inactive sites
+#   ("gap", gs), ("gmp", gs)            global average / max pool -> (B, C) (gs False: over
+#                                       the active sites only, 0 for a sample without any)
+#   ("concat", [branch, ...], gs)      channels of the branches (layer lists) joined, the
+#                                       union of their active sets (gs False: each branch
+#                                       counts 0 at its inactive sites)
+#   ("deconv", f, s, gs)                transposed convolution (params W (f**d, Ci, Co), b):
+#                                       input site i adds W_k^T x[i] to output i*s + k, an
+#                                       output is active iff it is in an active input's
+#                                       window; gs True: b everywhere, exact only for a zero
+#                                       input ground (else ValueError); gs False: inactive
+#                                       inputs count 0, b at active outputs only
+# and, after a global pool, ("act", slope) and ("linear",) on the (B, C) array.
+
+__all__ += ["graph_forward", "graph_backward", "graph_n_params", "tconv_forward",
+            "tconv_backward"]
+
+
+def _tconv_slices(off, in_sp, s):
+    return (slice(None), slice(None)) + tuple(slice(o, o + (n - 1) * s + 1, s)
+                                              for o, n in zip(off, in_sp, strict=True))
+
+
+def tconv_forward(x, weight, f: int, s: int) -> np.ndarray:
+    """Dense transposed convolution without bias: x (B, Ci, *N) -> (B, Co, *((N-1) s + f)),
+    y[o] = sum over (i, k) with o = i*s + k of W_k^T x[i]."""
+    x64, w = _f64(x), _f64(weight)
+    _check_features(x64)
+    d = x64.ndim - 2
+    in_sp = x64.shape[2:]
+    y = np.zeros((x64.shape[0], w.shape[2]) + tuple((n - 1) * s + f for n in in_sp))
+    for k, off in enumerate(window_offsets(f, d)):
+        y[_tconv_slices(off, in_sp, s)] += np.einsum("bi...,io->bo...", x64, w[k])
+    return _cast(y, x)
+
+
+def tconv_backward(x, weight, f: int, s: int, grad_y):
+    """(grad_x, grad_weight) of tconv_forward."""
+    x64, w, gy = _f64(x), _f64(weight), _f64(grad_y)
+    d = x64.ndim - 2
+    gx, gw = np.zeros_like(x64), np.zeros_like(w)
+    for k, off in enumerate(window_offsets(f, d)):
+        g = gy[_tconv_slices(off, x64.shape[2:], s)]
+        gx += np.einsum("bo...,io->bi...", g, w[k])
+        axes = [0] + list(range(2, x64.ndim))
+        gw[k] = np.tensordot(x64, g, axes=(axes, axes))
+    return _cast(gx, x), _cast(gw, weight)
+
+
+def _tconv_mask(m, f, s):
+    ones = np.ones((f ** (m.ndim - 1), 1, 1))
+    return tconv_forward(m[:, None].astype(float), ones, f, s)[:, 0] > 0
+
+
+def graph_n_params(layers) -> int:
+    """Number of parameter arrays the layer list consumes (None for a missing bias counts)."""
+    n = 0
+    for spec in layers:
+        if spec[0] == "residual":
+            n += graph_n_params(spec[1]) + (0 if spec[2] is None else graph_n_params(spec[2]))
+        elif spec[0] == "concat":
+            n += sum(graph_n_params(b) for b in spec[1])
+        elif spec[0] == "deconv":
+            n += 2
+        elif spec[0] not in ("gap", "gmp"):
+            if spec[0] not in _NET_PARAMS:
+                raise ValueError(f"unknown layer spec {spec!r}")
+            n += _NET_PARAMS[spec[0]]
+    return n
+
+
+def _graph_fwd(layers, h, m, params, pos):
+    """(output, mask, tape); params[pos:] are consumed in layer order."""
+    tape = []
+    for spec in layers:
+        kind = spec[0]
+        if kind == "residual":
+            _, block, shortcut, gs = spec
+            hb, mb, tb = _graph_fwd(block, h, m, params, pos)
+            pos_s = pos + graph_n_params(block)
+            if shortcut is None:
+                hs, ms, ts = h, m, None
+            else:
+                hs, ms, ts = _graph_fwd(shortcut, h, m, params, pos_s)
+            pos = pos_s + (0 if shortcut is None else graph_n_params(shortcut))
+            out = hb + hs if gs else zero_inactive(hb, mb) + zero_inactive(hs, ms)
+            tape.append((spec, h, m, (tb, ts, mb, ms)))
+            h, m = _f64(out), mb | ms
+        elif kind in ("gap", "gmp"):
+            gs = spec[1]
+            if gs:
+                fwd = global_avgpool_forward if kind == "gap" else global_maxpool_forward
+                y = fwd(h)
+            else:
+                fwd = global_avgpool_zero_forward if kind == "gap" else \
+                    global_maxpool_zero_forward
+                y = fwd(h, m)
+            tape.append((spec, h, m, None))
+            h, m = _f64(y), None
+        elif kind == "concat":
+            outs = []
+            for branch in spec[1]:
+                outs.append(_graph_fwd(branch, h, m, params, pos))
+                pos += graph_n_params(branch)
+            hs = [o[0] if spec[2] else _f64(zero_inactive(o[0], o[1])) for o in outs]
+            tape.append((spec, h, m, outs))
+            h, m = np.concatenate(hs, axis=1), union_mask(*[o[1] for o in outs])
+        elif kind == "deconv":
+            f, s, gs = spec[1:]
+            w, b = (None if a is None else _f64(a) for a in params[pos:pos + 2])
+            no_bias = b is None
+            b = _bias(b, w.shape[2])
+            if gs and np.any(_corner(h) != 0):
+                raise ValueError("deconv: a nonzero input ground has no exact sparse form")
+            mo = _tconv_mask(m, f, s)
+            y = tconv_forward(h if gs else zero_inactive(h, m), w, f, s)
+            y = y + _chan(b, h.ndim - 2) * (1.0 if gs else mo[:, None])
+            tape.append((spec, h, m, ([w, b], pos, mo, no_bias)))
+            pos += 2
+            h, m = _f64(y), mo
+        else:
+            k = _NET_PARAMS[kind]
+            p = [None if a is None else _f64(a) for a in params[pos:pos + k]]
+            tape.append((spec, h, m, (p, pos)))
+            pos += k
+            if m is None and kind == "act":
+                h = _f64(_act_fwd(h, spec[1]))
+            else:
+                h, m = _net_layer_forward(spec, h, m, p)
+    return h, m, tape
+
+
+def _graph_bwd(tape, g, grads):
+    """Gradient of the list's input from that of its output; params' grads into grads."""
+    for spec, h, m, extra in reversed(tape):
+        kind = spec[0]
+        if kind == "residual":
+            tb, ts, mb, ms = extra
+            gs = spec[3]
+            gb = g if gs else zero_inactive(g, mb)
+            gsc = g if gs else zero_inactive(g, ms)
+            g_in = _graph_bwd(tb, _f64(gb), grads)
+            g_in = g_in + (_f64(gsc) if ts is None else _graph_bwd(ts, _f64(gsc), grads))
+            g = g_in
+        elif kind in ("gap", "gmp"):
+            if spec[1]:
+                bwd = global_avgpool_backward if kind == "gap" else global_maxpool_backward
+                g = _f64(bwd(h, g))
+            else:
+                bwd = global_avgpool_zero_backward if kind == "gap" else \
+                    global_maxpool_zero_backward
+                g = _f64(bwd(h, m, g))
+        elif kind == "concat":
+            g_in, lo = np.zeros_like(h), 0
+            for o in extra:
+                c = o[0].shape[1]
+                gc = g[:, lo:lo + c] if spec[2] else _f64(zero_inactive(g[:, lo:lo + c], o[1]))
+                g_in = g_in + _graph_bwd(o[2], gc, grads)
+                lo += c
+            g = g_in
+        elif kind == "deconv":
+            f, s, gs = spec[1:]
+            (w, b), pos, mo, no_bias = extra
+            gx, gw = tconv_backward(h if gs else zero_inactive(h, m), w, f, s, g)
+            gb = _f64(g if gs else zero_inactive(g, mo)).sum(axis=_not_channel_axes(g.ndim))
+            grads[pos], grads[pos + 1] = _f64(gw), None if no_bias else gb
+            g = _f64(gx) if gs else _f64(zero_inactive(gx, m))
+        else:
+            p, pos = extra
+            if m is None and kind == "act":
+                g = _f64(_act_bwd(h, spec[1], g))
+                continue
+            g, gp = _net_layer_backward(spec, h, m, p, g)
+            for j, a in enumerate(gp):
+                grads[pos + j] = a
+    return g
+
+
+def _graph_run(x, mask, ground, layers, params):
+    x64 = _f64(x)
+    _check_features(x64)
+    m = _mask64(mask, x64)
+    g = _f64(ground)
+    if g.shape != (x64.shape[1],):
+        raise ValueError(f"ground shape {g.shape} != (C={x64.shape[1]},)")
+    if len(params) != graph_n_params(layers):
+        raise ValueError(f"layers need {graph_n_params(layers)} parameter arrays, got "
+                         f"{len(params)}")
+    d = x64.ndim - 2
+    extra = np.broadcast_to(_chan(g, d), (1,) + x64.shape[1:])
+    h = np.concatenate([np.where(m[:, None], x64, _chan(g, d)), extra])
+    m = np.concatenate([m, np.zeros((1,) + m.shape[1:], bool)])
+    return h, m, _graph_fwd(layers, h, m, list(params), 0)
+
+
+def graph_forward(x, mask, ground, layers, params):
+    """net_forward for layer lists with residual sums and global pools (see above):
+    (y, y_mask, y_ground), or (logits or pooled (B, C), None, None) after a global pool."""
+    _, _, (h, m, _) = _graph_run(x, mask, ground, layers, params)
+    if m is None:
+        return h[:-1], None, None
+    return h[:-1], m[:-1], _corner(h)
+
+
+def graph_backward(x, mask, ground, layers, params, grad_y):
+    """(grad_x at active sites (0 elsewhere), grad_ground, [param grads, None for None]) of
+    sum(grad_y * graph_forward(...)[0])."""
+    h0, m0, (h, _, tape) = _graph_run(x, mask, ground, layers, params)
+    gy = _f64(grad_y)
+    if gy.shape != h[:-1].shape:
+        raise ValueError(f"grad_y shape {gy.shape} != output shape {h[:-1].shape}")
+    grads = [None] * len(params)
+    g = _graph_bwd(tape, np.concatenate([gy, np.zeros((1,) + gy.shape[1:])]), grads)
+    inactive = ~m0[:, None]
+    g_ground = np.where(inactive, g, 0.0).sum(axis=_not_channel_axes(g.ndim))
+    return np.where(inactive[:-1], 0.0, g[:-1]), g_ground, grads
