@@ -494,6 +494,41 @@ MODELS = {"DeepCNet": DeepCNet, "DeepCNiN": DeepCNiN, "ResNet": ResNet, "UNet": 
 assert all(name in LAYERS for name in MODELS)
 
 
+def _spec_token_new_layers(tok: str, cin: int, dim: int, dtype: Any, seed: int, dense: bool,
+                           spec: str) -> tuple[Module, int] | None:
+    """(layer, out channels) for the tokens of the depthwise, transposed and fractional
+    layers, else None."""
+    m = re.fullmatch(r"(S?)DW(\d+)(?:/(\d+))?|T(\d+)/(\d+)-(\d+)|FMP(\d*\.?\d+)", tok)
+    if m is None:
+        return None
+    if dense:
+        raise ValueError(f"token {tok!r} in spec {spec!r}: a sparse layer cannot follow "
+                         f"a global pooling (GAP/GMP), whose output is dense (B, C)")
+    if tok.startswith(("DW", "SDW")):
+        from .depthwise import DepthwiseConvolution, SubmanifoldDepthwiseConvolution
+        f = int(m.group(2))
+        if m.group(1):
+            if m.group(3):
+                raise ValueError(f"token {tok!r}: a submanifold convolution has no stride")
+            return SubmanifoldDepthwiseConvolution(cin, f, dim=dim, dtype=dtype, seed=seed), cin
+        return DepthwiseConvolution(cin, f, int(m.group(3) or 1), dim=dim, dtype=dtype,
+                                    seed=seed), cin
+    if tok.startswith("T"):
+        from .deconv import Deconvolution
+        out = int(m.group(6))
+        return Deconvolution(cin, out, int(m.group(4)), int(m.group(5)), dim=dim, dtype=dtype,
+                             seed=seed), out
+    from .fmp import FractionalMaxPooling
+    return FractionalMaxPooling(float(m.group(7)), overlapping=True, dim=dim,
+                                seed=seed % 2**32), cin
+
+
+def fmp_net(*args: Any, **kwargs: Any) -> Module:
+    """The paper's FMP networks (Graham 2014b): see :func:`sparsecnn.fmp.fmp_net`."""
+    from .fmp import fmp_net as build
+    return build(*args, **kwargs)
+
+
 def from_spec(spec: str, in_channels: int = 1, *, dim: int = 2, dtype: Any = np.float32,
               seed: int | None = 0) -> Sequential:
     """Build a Sequential of sparse layers from a compact string of tokens.
@@ -506,6 +541,9 @@ def from_spec(spec: str, in_channels: int = 1, *, dim: int = 2, dtype: Any = np.
         P{f}, P{f}/{s}               MaxPooling;  A{f}, A{f}/{s}: AveragePooling
         R                            ReLU;  L, L{slope}: LeakyReLU (default 1/3, 'very leaky')
         B                            BatchNorm;  D{p}: Dropout(p)
+        DW{f}, DW{f}/{s}             DepthwiseConvolution;  SDW{f}: its submanifold form
+        T{f}/{s}-{out}               Deconvolution (transposed convolution, stride s)
+        FMP{ratio}                   FractionalMaxPooling (overlapping, random regions)
         GAP, GMP                     GlobalAveragePooling / GlobalMaxPooling: sparse -> (B, C)
         FC-{out}                     Linear (after GAP or GMP)
 
@@ -530,6 +568,11 @@ def from_spec(spec: str, in_channels: int = 1, *, dim: int = 2, dtype: Any = np.
     dense = False       # after a global pooling: a dense (B, C) Tensor
     for tok in spec.split():
         seed_i = int(rng.integers(0, 2**63 - 1))
+        extra = _spec_token_new_layers(tok, cin, dim, dtype, seed_i, dense, spec)
+        if extra is not None:
+            layers.append(extra[0])
+            cin = extra[1]
+            continue
         m = re.fullmatch(r"([CSPA])(\d+)(?:/(\d+))?(?:-(\d+))?|N-(\d+)|R|L([\d.]*)|B|D([\d.]+)"
                          r"|GAP|GMP|FC-(\d+)", tok)
         if m is None:

@@ -519,3 +519,47 @@ def test_unet_save_load(device, rng, tmp_path):
     scn.save(net, tmp_path / "u.npz")
     back = scn.load(tmp_path / "u.npz").to(device).eval()
     np.testing.assert_array_equal(np_(back(x).features), np_(net(x).features))
+
+
+def test_from_spec_depthwise_transposed_and_fractional_tokens(device, rng):
+    net = scn.models.from_spec("C3-4 R DW3 N-6 SDW3 FMP1.5 T2/2-3", 2, seed=5)
+    types = [type(m).__name__ for m in net]
+    assert types == ["Convolution", "ReLU", "DepthwiseConvolution", "NetworkInNetwork",
+                     "SubmanifoldDepthwiseConvolution", "FractionalMaxPooling",
+                     "Deconvolution"]
+    assert (net[2].channels, net[4].channels, net[6].in_channels, net[6].out_channels) == (
+        4, 6, 6, 3)
+    assert net[5].overlapping and net[5].ratio == 1.5
+    # the spec's layers compute what the same layers built by hand compute
+    by_hand = scn.Sequential(
+        scn.Convolution(2, 4, 3), scn.ReLU(), scn.DepthwiseConvolution(4, 3),
+        scn.NetworkInNetwork(4, 6), scn.SubmanifoldDepthwiseConvolution(6, 3),
+        scn.FractionalMaxPooling(1.5, overlapping=True, seed=net[5].seed),
+        scn.Deconvolution(6, 3, 2, 2))
+    by_hand.load_state_dict(net.state_dict())
+    for m in (net, by_hand):
+        m.to(device).eval().set_ground_state(False)
+    x = random_sparse(rng, 2, (14, 14), 2, 0.2, np.float32, device=device)
+    np.testing.assert_array_equal(net(x).numpy(), by_hand(x).numpy())
+    with pytest.raises(ValueError, match="a submanifold convolution has no stride"):
+        scn.models.from_spec("SDW3/2", 2)
+    with pytest.raises(ValueError, match="cannot follow a global pooling"):
+        scn.models.from_spec("S3-4 GAP DW3")
+    with pytest.raises(ValueError, match="cannot read layer token 'T2-3'"):
+        scn.models.from_spec("T2-3")
+
+
+def test_fmp_net_test_time_averaging_through_evaluate():
+    """train.evaluate(tta=k) averages k region draws of an FMP network (eval_regions=
+    'fresh'), reproducibly."""
+    from sparsecnn import data
+    from sparsecnn import train as T
+    ds = data.synthetic_strokes(3, 4, seed=0)
+    net = scn.models.fmp_net(2, 4, num_classes=3, eval_regions="fresh", seed=0)
+    one = T.evaluate(net, ds, tta=1, augment=False)
+    three = T.evaluate(net, ds, tta=3, augment=False)
+    assert one["loss"] != three["loss"]                     # other draws were averaged in
+    assert T.evaluate(net, ds, tta=3, augment=False) == three   # the same draws again
+    fixed = scn.models.fmp_net(2, 4, num_classes=3, seed=0)      # one draw kept
+    assert T.evaluate(fixed, ds, tta=1, augment=False)["loss"] == T.evaluate(
+        fixed, ds, tta=3, augment=False)["loss"]
