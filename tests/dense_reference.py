@@ -1914,40 +1914,17 @@ __all__ += ["graph_forward", "graph_backward", "graph_n_params", "tconv_forward"
             "tconv_backward"]
 
 
-def _tconv_slices(off, in_sp, s):
-    return (slice(None), slice(None)) + tuple(slice(o, o + (n - 1) * s + 1, s)
-                                              for o, n in zip(off, in_sp, strict=True))
-
-
 def tconv_forward(x, weight, f: int, s: int) -> np.ndarray:
-    """Dense transposed convolution without bias: x (B, Ci, *N) -> (B, Co, *((N-1) s + f)),
-    y[o] = sum over (i, k) with o = i*s + k of W_k^T x[i]."""
-    x64, w = _f64(x), _f64(weight)
-    _check_features(x64)
-    d = x64.ndim - 2
-    in_sp = x64.shape[2:]
-    y = np.zeros((x64.shape[0], w.shape[2]) + tuple((n - 1) * s + f for n in in_sp))
-    for k, off in enumerate(window_offsets(f, d)):
-        y[_tconv_slices(off, in_sp, s)] += np.einsum("bi...,io->bo...", x64, w[k])
-    return _cast(y, x)
+    """Dense transposed convolution without bias (deconv_forward with a zero bias)."""
+    w = _f64(weight)
+    return deconv_forward(x, w, np.zeros(w.shape[2]), f, s)
 
 
 def tconv_backward(x, weight, f: int, s: int, grad_y):
     """(grad_x, grad_weight) of tconv_forward."""
-    x64, w, gy = _f64(x), _f64(weight), _f64(grad_y)
-    d = x64.ndim - 2
-    gx, gw = np.zeros_like(x64), np.zeros_like(w)
-    for k, off in enumerate(window_offsets(f, d)):
-        g = gy[_tconv_slices(off, x64.shape[2:], s)]
-        gx += np.einsum("bo...,io->bi...", g, w[k])
-        axes = [0] + list(range(2, x64.ndim))
-        gw[k] = np.tensordot(x64, g, axes=(axes, axes))
-    return _cast(gx, x), _cast(gw, weight)
-
-
-def _tconv_mask(m, f, s):
-    ones = np.ones((f ** (m.ndim - 1), 1, 1))
-    return tconv_forward(m[:, None].astype(float), ones, f, s)[:, 0] > 0
+    w = _f64(weight)
+    gx, gw, _ = deconv_backward(x, w, np.zeros(w.shape[2]), f, s, grad_y)
+    return gx, _cast(gw, weight)
 
 
 def graph_n_params(layers) -> int:
@@ -2010,7 +1987,7 @@ def _graph_fwd(layers, h, m, params, pos):
             b = _bias(b, w.shape[2])
             if gs and np.any(_corner(h) != 0):
                 raise ValueError("deconv: a nonzero input ground has no exact sparse form")
-            mo = _tconv_mask(m, f, s)
+            mo = deconv_mask(m, f, s)
             y = tconv_forward(h if gs else zero_inactive(h, m), w, f, s)
             y = y + _chan(b, h.ndim - 2) * (1.0 if gs else mo[:, None])
             tape.append((spec, h, m, ([w, b], pos, mo, no_bias)))

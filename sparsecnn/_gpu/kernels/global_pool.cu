@@ -19,16 +19,7 @@
 
 #define SCNN_GPOOL_CHUNK 256
 
-template <class T>
-__device__ __forceinline__ T scnn_gpool_neg_inf();
-template <>
-__device__ __forceinline__ float scnn_gpool_neg_inf<float>() {
-    return __int_as_float(0xff800000u);
-}
-template <>
-__device__ __forceinline__ double scnn_gpool_neg_inf<double>() {
-    return __longlong_as_double((long long)0xfff0000000000000ull);
-}
+#include "common.cuh"
 
 template <class T>
 __device__ __forceinline__ void scnn_gpool_partial(
@@ -76,7 +67,7 @@ __device__ __forceinline__ void scnn_gpool_final(
         const int c = (int)(t - b * C);
         const long long j0 = chunk_off[b], j1 = chunk_off[b + 1];
         T s = T(0);
-        T best = scnn_gpool_neg_inf<T>();
+        T best = scnn_neg_inf<T>();
         int arg = -1;
         if (j0 < j1) {
             s = psum[j0 * C + c];
