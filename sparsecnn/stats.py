@@ -59,6 +59,19 @@ def _macs(layer: Module, x: SparseTensor, y: SparseTensor) -> tuple[int, int]:
     if isinstance(layer, NetworkInNetwork):
         cin, cout = layer.weight.shape
         return y.n_active * cin * cout, out_sites * cin * cout
+    from .deconv import Deconvolution, deconv_geometry
+    from .depthwise import DepthwiseConvolution, SubmanifoldDepthwiseConvolution
+    if isinstance(layer, (DepthwiseConvolution, SubmanifoldDepthwiseConvolution)):
+        K, C = layer.weight.shape
+        rb = (x.geometry.conv(layer.filter_size, layer.stride)[0]
+              if isinstance(layer, DepthwiseConvolution)
+              else x.geometry.submanifold(layer.filter_size))
+        return rb.n_pairs * C, out_sites * K * C
+    if isinstance(layer, Deconvolution):
+        K, cin, cout = layer.weight.shape
+        rb, _ = deconv_geometry(x.geometry, layer.filter_size, layer.stride)
+        in_sites = x.batch_size * int(np.prod(x.spatial_shape))
+        return rb.n_pairs * cin * cout, in_sites * K * cin * cout
     return 0, 0   # pooling and pointwise layers: no multiply-adds
 
 
