@@ -567,6 +567,7 @@ def test_the_model_file_check_counts_every_layer_types_parameters():
         "SubmanifoldConvolution": scn.SubmanifoldConvolution(2, 3, 3),
         "SubmanifoldDepthwiseConvolution": scn.SubmanifoldDepthwiseConvolution(3, 3),
         "UnPooling": scn.UnPooling(2),
+        "ResNet": scn.models.ResNet((4, 8), 1), "UNet": scn.models.UNet((4, 8)),
     }
     assert set(examples) == set(LAYERS), sorted(set(LAYERS) ^ set(examples))
     for name, m in examples.items():
