@@ -84,7 +84,7 @@ def library_version() -> str:
     """The MPI library's one-line version (imports mpi4py)."""
     from mpi4py import MPI
     lines = [s.strip() for s in MPI.Get_library_version().splitlines() if s.strip()]
-    return lines[0] if lines else "unknown"
+    return " ".join(lines[0].split()) if lines else "unknown"
 
 
 class GradientReducer:
