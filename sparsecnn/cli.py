@@ -116,6 +116,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     tune_malloc()
     active, how = malloc_tuning_status()
     print(f"malloc     {'tuned: ' if active else 'not tuned: '}{how}")
+    from sparsecnn import distributed
+    if distributed.mpi_available():
+        try:
+            from mpi4py import MPI
+            comm = MPI.COMM_WORLD
+            print(f"MPI        {distributed.library_version()}; mpi4py {_mpi4py_version()}; "
+                  f"{comm.Get_size()} rank{'s' if comm.Get_size() > 1 else ''} "
+                  f"(this is rank {comm.Get_rank()})")
+        except Exception as e:   # a broken MPI install: say so, do not fail
+            print(f"MPI        mpi4py found but unusable: {_message(e)}")
+    else:
+        print("MPI        not available: mpi4py is not installed (pip install 'sparsecnn[mpi]')")
     ok, why = backend.gpu_status()
     print(f"GPU        {'available: ' + why if ok else 'not available: ' + why}")
     if ok:
@@ -222,6 +234,11 @@ def _check_output(path: str | None, flag: str) -> None:
         raise UsageError(f"{flag} {path}: no such directory {str(parent)!r}")
 
 
+def _mpi4py_version() -> str:
+    import mpi4py
+    return getattr(mpi4py, "__version__", "?")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a DeepCNet/DeepCNiN on stroke data; print held-out accuracy; save the model."""
     import sparsecnn as scn
@@ -240,16 +257,23 @@ def cmd_train(args: argparse.Namespace) -> int:
                  activation=args.activation, dropout=args.dropout,
                  channel_dropout=args.channel_dropout, seed=args.seed)
     n_extra = sum(len(v) for v in extra.values())
-    print(f"{type(model).__name__}(l={args.l}, k={args.k}), input {model.input_size}x"
+    from sparsecnn import distributed
+    comm = distributed.resolve_comm(None)
+    lead = comm is None or comm.Get_rank() == 0
+    say = print if lead else (lambda *a, **k: None)
+    say(f"{type(model).__name__}(l={args.l}, k={args.k}), input {model.input_size}x"
           f"{model.input_size}, {sum(p.data.size for p in model.parameters()):,} parameters; "
           f"{train.num_classes} classes, {len(train)} training drawings x {args.repeats} "
           f"augmented copies per epoch, {len(test)} test drawings"
-          + (f", {n_extra} variant drawings" if n_extra else ""), flush=True)
+          + (f", {n_extra} variant drawings" if n_extra else "")
+          + (f"; data-parallel on {comm.Get_size()} MPI ranks" if comm is not None else ""),
+          flush=True)
     info = {"class_names": list(train.class_names), "features": args.features,
             "signature_depth": args.signature_depth, "scale": args.scale}
     t0 = time.perf_counter()
     hist = T.fit(model, train, test, extra_eval=extra, checkpoint=args.checkpoint,
                  resume=args.resume, log=args.log, progress=not args.quiet, info=info,
+                 comm=comm if comm is not None else False,
                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                  lr_decay=args.lr_decay, weight_decay=args.weight_decay,
                  momentum=args.momentum, repeats=args.repeats, features=args.features,
@@ -258,6 +282,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                  eval_every=args.eval_every, label_smoothing=args.label_smoothing)
     minutes = (time.perf_counter() - t0) / 60
     last = hist[-1]
+    if not lead:
+        return 0
     scn.save(model, args.out, meta={"kind": "model", "info": info, "history": hist})
     print(f"\ntrained {len(hist)} epochs in {minutes:.1f} min "
           f"({last['samples_per_second']:.0f} samples/s in the last epoch)")
@@ -547,6 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{e.prog or 'sparsecnn'}: error: {_message(e)}", file=sys.stderr)
         return 2
     prog = f"sparsecnn {args.command}"
+    comm = _mpi_world()
+    if comm is not None:
+        return _main_mpi(args, prog, comm, debug)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:   # output piped into `head` & co.: stop quietly
@@ -563,6 +592,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _mpi_world() -> Any | None:
+    """MPI.COMM_WORLD when started by mpiexec with more than one process (else None)."""
+    from sparsecnn import distributed
+    return distributed.default_comm()
+
+
+def _main_mpi(args: argparse.Namespace, prog: str, comm: Any, debug: bool) -> int:
+    """Run a command on one of several MPI ranks: an error on any rank prints its one line
+    (with the rank) and aborts the whole job, so no other rank waits for it forever."""
+    where = f"rank {comm.Get_rank()} of {comm.Get_size()}"
+    try:
+        return int(args.func(args) or 0)
+    except BaseException as e:   # noqa: BLE001 -- any error must end every rank
+        if isinstance(e, SystemExit) and not e.code:
+            raise
+        if debug:
+            import traceback
+            traceback.print_exc()
+        kind = "" if isinstance(e, USER_ERRORS) else f"{type(e).__name__}: "
+        status = 130 if isinstance(e, KeyboardInterrupt) else (
+            2 if isinstance(e, USER_ERRORS) else 1)
+        print(f"{prog}: error ({where}): {kind}{_message(e)}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        comm.Abort(status)
+        return status   # pragma: no cover (Abort does not return)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backend, io, optim, stats
+from . import backend, distributed, io, optim, stats
 from .autograd import no_grad
 from .data import BatchIterator, StrokeDataset
 from .functional import cross_entropy, log_softmax
@@ -210,9 +210,11 @@ def load_checkpoint(path: str | os.PathLike, model: Module, opt: optim.SGD,
 # -- evaluation -------------------------------------------------------------------------------
 def _logits(model: Module, data: StrokeDataset, *, batch_size: int, tta: int,
             augment: dict | bool, features: str, signature_depth: int, scale: int | None,
-            seed: int, device: str, progress: bool = False) -> np.ndarray:
-    """Mean over tta passes of the logits of every sample (in dataset order); the model is
-    moved to ``device`` first (as fit does)."""
+            seed: int, device: str, progress: bool = False,
+            shard: tuple[int, int] | None = None) -> np.ndarray:
+    """Mean over tta passes of the logits of every sample (in dataset order; with ``shard``
+    those of the rank's slice of every batch, :func:`_shard_indices`); the model is moved to
+    ``device`` first (as fit does)."""
     model.to(backend.require_device(device))
     size = _input_size(model)
     was_training = model.training
@@ -224,10 +226,13 @@ def _logits(model: Module, data: StrokeDataset, *, batch_size: int, tta: int,
                 it = BatchIterator(data, batch_size, size=size, scale=scale, shuffle=False,
                                    seed=seed + 7919 * r, augment=augment,
                                    features=features, signature_depth=signature_depth,
-                                   prefetch=2)
+                                   prefetch=2, shard=shard)
                 parts = []
                 bar = _bar(len(it), f"eval {r + 1}/{tta}", progress)
                 for batch in it:
+                    if batch is None:   # this rank's slice of a small batch is empty
+                        bar.update(1)
+                        continue
                     x = batch.to_sparse().to(device)
                     parts.append(backend.to_device(model(x).data, "cpu"))
                     bar.update(1)
@@ -239,11 +244,22 @@ def _logits(model: Module, data: StrokeDataset, *, batch_size: int, tta: int,
     return (total / tta).astype(np.float32)
 
 
+def _shard_indices(n: int, batch_size: int, shard: tuple[int, int]) -> np.ndarray:
+    """The samples (in order) that rank ``shard[0]`` of ``shard[1]`` evaluates of n samples
+    in unshuffled batches of ``batch_size``."""
+    r, size = shard
+    parts = []
+    for i in range(0, n, batch_size):
+        lo, hi = distributed.shard_bounds(min(batch_size, n - i), r, size)
+        parts.append(np.arange(i + lo, i + hi))
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
 def evaluate(model: Module, data: StrokeDataset, *, batch_size: int = 64, tta: int = 1,
              augment: dict | bool = True, features: str = "presence",
              signature_depth: int = 2, scale: int | None = None, seed: int = 12345,
              device: str = "cpu", progress: bool = False,
-             class_names: Sequence[str] | None = None) -> dict[str, float]:
+             class_names: Sequence[str] | None = None, comm: Any = False) -> dict[str, float]:
     """Loss, top-1 and top-5 accuracy of ``model`` on ``data``.
 
     Every sample is rendered ``tta`` times, augmented with ``augment`` (seeds other than the
@@ -255,6 +271,10 @@ def evaluate(model: Module, data: StrokeDataset, *, batch_size: int = 64, tta: i
     labels of ``data`` are matched by class name (:func:`model_labels`), and data with classes
     the model does not know are refused with a ValueError that lists them; without them the
     labels are taken as output indices.
+
+    ``comm`` (an mpi4py communicator; None: MPI.COMM_WORLD under mpiexec; default False: this
+    process alone): every rank evaluates its slice of every batch and the counts are summed,
+    so all ranks get the same result (every rank of ``comm`` must call evaluate).
     """
     tta = _positive_int(tta, "tta")
     batch_size = _positive_int(batch_size, "batch_size")
@@ -263,6 +283,12 @@ def evaluate(model: Module, data: StrokeDataset, *, batch_size: int = 64, tta: i
     nc = getattr(model, "num_classes", None)
     labels = model_labels(data, _model_class_names(model, class_names),
                           nc if isinstance(nc, int) else None)
+    comm = distributed.resolve_comm(comm)
+    if comm is not None:
+        return _evaluate_sharded(model, data, labels, comm, batch_size=batch_size, tta=tta,
+                                 augment=_augment_kwargs(augment), features=features,
+                                 signature_depth=signature_depth, scale=scale, seed=seed,
+                                 device=device, progress=progress)
     lg = _logits(model, data, batch_size=batch_size, tta=tta, augment=_augment_kwargs(augment),
                  features=features, signature_depth=signature_depth, scale=scale, seed=seed,
                  device=device, progress=progress)
@@ -273,6 +299,27 @@ def evaluate(model: Module, data: StrokeDataset, *, batch_size: int = 64, tta: i
     acc = topk_accuracy(lg, labels, ks=(1, 5))
     return {"loss": float(-lsm[np.arange(len(labels)), labels].mean()),
             "accuracy": acc[1], "top5": acc[5], "n": int(len(labels))}
+
+
+def _evaluate_sharded(model: Module, data: StrokeDataset, labels: np.ndarray, comm: Any, *,
+                      progress: bool, **kw: Any) -> dict[str, float]:
+    red = distributed.GradientReducer(comm)
+    shard = (red.rank, red.size)
+    lg = _logits(model, data, shard=shard, progress=progress and red.rank == 0, **kw)
+    mine = labels[_shard_indices(len(data), kw["batch_size"], shard)]
+    nll = top1 = top5 = 0.0
+    if len(mine):
+        if int(mine.max()) >= lg.shape[1]:
+            raise ValueError(f"data has labels up to {int(mine.max())}, but the model gives "
+                             f"{lg.shape[1]} outputs")
+        lsm = log_softmax(lg.astype(np.float64))
+        acc = topk_accuracy(lg, mine, ks=(1, 5))
+        nll = float(-lsm[np.arange(len(mine)), mine].sum())
+        top1, top5 = round(acc[1] * len(mine)), round(acc[5] * len(mine))
+    tot = red.sum_float64([nll, top1, top5, len(mine)])
+    n = int(round(tot[3]))
+    return {"loss": float(tot[0] / n), "accuracy": float(tot[1] / n),
+            "top5": float(tot[2] / n), "n": n}
 
 
 def predict(model: Module, samples: Sequence[Any], *, tta: int = 1,
@@ -354,7 +401,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
         checkpoint: str | os.PathLike | None = None, resume: bool = False,
         log: str | os.PathLike | None = None, progress: bool = True,
         extra_eval: dict[str, StrokeDataset] | None = None, info: dict | None = None,
-        **settings: Any) -> list[dict[str, Any]]:
+        comm: Any = None, **settings: Any) -> list[dict[str, Any]]:
     """Train ``model`` on ``train_data``; returns the per-epoch history.
 
     Parameters
@@ -366,11 +413,28 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     resume : continue from ``checkpoint`` if it exists (exactly: same next step)
     log : path of a JSON-lines file, one object per epoch
     extra_eval : more held-out sets evaluated every epoch, by name (e.g. variant drawings)
+    comm : an mpi4py communicator to train data-parallel on (default None: ``MPI.COMM_WORLD``
+        when the process was started by mpiexec with more than one process and mpi4py can be
+        imported; False: this process alone). Every rank renders its fixed slice of each
+        global batch (``batch_size`` stays the global batch), the gradients are summed in one
+        allreduce per step (:mod:`sparsecnn.distributed`) and every rank applies the same
+        update, so the model is that of one process with the same settings (to float
+        rounding). Evaluation is sharded too; rank 0 alone prints and writes ``log`` and
+        ``checkpoint``; every rank returns the same history. Batch norm uses each rank's own
+        batch statistics; its running statistics are averaged over the ranks at the end of
+        every epoch. Dropout masks differ per rank (rank r > 0 reseeds from rank 0's
+        generator and r), reproducibly.
     **settings : fields of :class:`FitConfig` (epochs, batch_size, lr, momentum, ...)
     """
     cfg = FitConfig(**settings)
     cfg.validate()
     _check_fit_data(model, train_data, test_data, extra_eval)
+    comm = distributed.resolve_comm(comm)
+    red = distributed.GradientReducer(comm) if comm is not None else None
+    rank = red.rank if red is not None else 0
+    lead = rank == 0
+    progress = progress and lead
+    fault = _fault_step(rank)
     device = backend.require_device(cfg.device)
     model.to(device)
     size = _input_size(model)
@@ -380,24 +444,33 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     it = BatchIterator(reps, cfg.batch_size, size=size, scale=cfg.scale, shuffle=True,
                        seed=cfg.seed, augment=aug, features=cfg.features,
                        signature_depth=cfg.signature_depth, drop_last=len(reps) >= cfg.batch_size,
-                       prefetch=3)
+                       prefetch=3, shard=(rank, red.size) if red is not None else None)
     opt = optim.SGD(model.parameters(), cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                     weight_decay=cfg.weight_decay)
     sched = _scheduler(opt, cfg)
     start, history = 0, []
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start, history = load_checkpoint(checkpoint, model, opt, sched)
-    # per-sample cost, as SparseConvNet reports it
-    epoch_iter = it.batches(0)
-    first = next(epoch_iter)
-    getattr(epoch_iter, "close", lambda: None)()
+    if red is not None and rank > 0:   # masks of its own, reproducibly
+        for d in _dropout_layers(model):
+            d.rng = np.random.default_rng([int(d.rng.integers(2**62)), rank])
+    # per-sample cost, as SparseConvNet reports it (of the whole first batch, on every rank)
+    shard, it.shard = it.shard, None
+    try:
+        epoch_iter = it.batches(0)
+        first = next(epoch_iter)
+        getattr(epoch_iter, "close", lambda: None)()
+    finally:
+        it.shard = shard
     rows = stats.layer_stats(model, first.to_sparse().to(device))
     sp, de = stats.total_macs(rows)
     bs = first.batch_size
     cost = {"macs_per_sample": sp / bs, "dense_macs_per_sample": de / bs,
             "active_sites_per_sample": [r.active_sites / bs for r in rows]}
     names = train_data.class_names   # the model's classes: held-out labels go by name
-    logf = open(log, "a") if log is not None else None
+    logf = open(log, "a") if log is not None and lead else None
+    evcomm = comm if comm is not None else False
+    gstep = 0
     try:
         for epoch in range(start, cfg.epochs):
             model.train()
@@ -405,6 +478,20 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
             loss_m, acc_m = RunningMean(), RunningMean()
             bar = _bar(len(it), f"epoch {epoch + 1}/{cfg.epochs}", progress)
             for step, batch in enumerate(it.batches(epoch)):
+                gstep += 1
+                if fault is not None and gstep == fault:
+                    raise RuntimeError(f"injected fault on rank {rank} at step {gstep} "
+                                       f"(SPARSECNN_FAULT_INJECT)")
+                if red is not None:
+                    lv, b, acc = _parallel_step(model, batch, red, opt, cfg, device, epoch,
+                                                step)
+                    loss_m.update(lv, b)
+                    acc_m.update(acc, b)
+                    dt = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{loss_m.mean:.3f}", acc=f"{acc_m.mean:.3f}",
+                                    sps=f"{loss_m.count / dt:.0f}")
+                    bar.update(1)
+                    continue
                 x = batch.to_sparse().to(device)
                 with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                     logits = model(x)
@@ -431,6 +518,8 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                 bar.update(1)
             bar.close()
             sched.step()
+            if red is not None:
+                _average_buffers(model, red)
             dt = time.perf_counter() - t0
             rec: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_m.mean,
                                    "train_accuracy": acc_m.mean, "lr": opt.lr,
@@ -440,7 +529,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                 ev = evaluate(model, test_data, batch_size=cfg.batch_size,
                               tta=cfg.tta, augment=aug, features=cfg.features,
                               signature_depth=cfg.signature_depth, scale=cfg.scale,
-                              device=device, class_names=names)
+                              device=device, class_names=names, comm=evcomm)
                 rec.update({f"test_{k}": v for k, v in ev.items() if k != "n"})
             for name, ds in (extra_eval or {}).items():
                 if len(ds) and ((epoch + 1) % cfg.eval_every == 0 or last):
@@ -449,7 +538,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
                                   augment=aug if cfg.tta > 1 else False,
                                   features=cfg.features,
                                   signature_depth=cfg.signature_depth, scale=cfg.scale,
-                                  device=device, class_names=names)
+                                  device=device, class_names=names, comm=evcomm)
                     rec.update({f"{name}_{k}": v for k, v in ev.items() if k != "n"})
             if epoch == 0 or start == epoch:
                 rec.update(cost)
@@ -459,9 +548,66 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
             if logf is not None:
                 logf.write(json.dumps(rec, default=_json_default) + "\n")
                 logf.flush()
-            if checkpoint is not None:
+            if checkpoint is not None and lead:
                 save_checkpoint(checkpoint, model, opt, sched, epoch + 1, history, cfg, info)
     finally:
         if logf is not None:
             logf.close()
     return history
+
+
+def _fault_step(rank: int) -> int | None:
+    """The step (counted from 1 over the whole run) at which this rank raises, from
+    ``SPARSECNN_FAULT_INJECT=RANK:STEP`` (a test hook for the fault handling of MPI runs)."""
+    spec = os.environ.get("SPARSECNN_FAULT_INJECT", "").strip()
+    if not spec:
+        return None
+    try:
+        r, k = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"SPARSECNN_FAULT_INJECT must be RANK:STEP, got {spec!r}") from None
+    return k if r == rank else None
+
+
+def _parallel_step(model: Module, batch: Any, red: distributed.GradientReducer,
+                   opt: optim.SGD, cfg: FitConfig, device: str, epoch: int,
+                   step: int) -> tuple[float, int, float]:
+    """One data-parallel step on this rank's slice (``batch``, None if empty) of the global
+    batch; returns the global batch's mean loss, size and accuracy."""
+    if batch is None:
+        loss = logits = None
+        lv, b, correct = 0.0, 0, 0.0
+    else:
+        x = batch.to_sparse().to(device)
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = model(x)
+            loss = cross_entropy(logits, batch.labels, label_smoothing=cfg.label_smoothing)
+        lv, b = loss.item(), batch.batch_size
+        correct = float(round(accuracy(logits.data, batch.labels) * b))
+    tot = red.sum_float64([lv * b, correct, b])
+    gb = int(round(tot[2]))
+    glv = float(tot[0] / gb)
+    if not math.isfinite(glv):   # every rank sees the same sum: all raise together
+        raise FloatingPointError(
+            f"the loss became {glv} at epoch {epoch + 1}, step {step + 1} (lr "
+            f"{opt.lr:.3g}): training diverged; lower the learning rate (lr=...) "
+            f"or clip gradients (clip_grad=...)")
+    if loss is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss.backward()
+    red.reduce(model.parameters(), b / gb)   # sum of (b / B) * local mean = global mean
+    if cfg.clip_grad is not None:
+        optim.clip_grad_norm(model.parameters(), cfg.clip_grad)
+    opt.step()
+    opt.zero_grad()
+    return glv, gb, float(tot[1] / gb)
+
+
+def _average_buffers(model: Module, red: distributed.GradientReducer) -> None:
+    """Average the modules' buffers (batch norm running statistics) over the ranks."""
+    owners = [(m, name) for m in model.modules() for name in m._buffers()]
+    if not owners:
+        return
+    means = red.average_buffers([m._buffers()[name] for m, name in owners])
+    for (m, name), v in zip(owners, means):
+        setattr(m, name, v)

@@ -914,6 +914,12 @@ class BatchIterator:
         raw coordinates (e.g. a hand-made ``.jsonl`` file).
     start_epoch : int
         Value of the epoch counter for the first ``iter()``.
+    shard : (rank, size), optional
+        Data-parallel training: every planned batch of n samples is cut into ``size`` fixed
+        contiguous slices (:func:`sparsecnn.distributed.shard_bounds`) and only slice
+        ``rank`` is augmented and rendered, exactly as the whole batch would render those
+        samples (the batch's generator is advanced past the samples before the slice). An
+        empty slice (a batch smaller than ``size``) is given as ``None``.
     """
 
     def __init__(
@@ -932,6 +938,7 @@ class BatchIterator:
         prefetch: int = 2,
         normalize: bool = False,
         start_epoch: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         if not isinstance(dataset, StrokeDataset):
             raise TypeError(f"dataset must be a StrokeDataset, got {type(dataset).__name__}")
@@ -975,6 +982,12 @@ class BatchIterator:
         self.prefetch = int(prefetch)
         self.normalize = bool(normalize)
         self.epoch = int(start_epoch)
+        if shard is not None:
+            r, n = (int(v) for v in shard)
+            if not 0 <= r < n:
+                raise ValueError(f"shard must be (rank, size) with 0 <= rank < size, got {shard}")
+            shard = (r, n)
+        self.shard = shard
 
     @property
     def spatial_shape(self) -> tuple[int, int]:
@@ -1020,12 +1033,24 @@ class BatchIterator:
             signature_depth=self.signature_depth,
         )
 
-    def _make_batch(self, epoch: int, b: int, indices: np.ndarray) -> Batch:
+    def _make_batch(self, epoch: int, b: int, indices: np.ndarray) -> Batch | None:
         rng = (
             np.random.default_rng([self.seed, epoch, b])
             if self.augment_kwargs is not None
             else None
         )
+        if self.shard is not None:
+            r, size = self.shard
+            lo, hi = (r * len(indices)) // size, ((r + 1) * len(indices)) // size
+            if rng is not None:   # draw what the samples before the slice would draw
+                for i in indices[:lo]:
+                    strokes = self.dataset.samples[int(i)]
+                    if self.normalize:
+                        strokes = normalize(strokes)
+                    augment_strokes(strokes, rng, **self.augment_kwargs)
+            indices = indices[lo:hi]
+            if len(indices) == 0:
+                return None
         rendered = []
         for i in indices:
             coords, feats = self.render_sample(self.dataset.samples[int(i)], rng)

@@ -1,0 +1,183 @@
+"""Data-parallel training on MPI (through ``mpi4py``; imported only when it is used).
+
+``mpiexec -n N python3 -m sparsecnn train ...`` (or ``scn.train.fit(..., comm=...)``) splits
+every step's global batch across the N ranks: rank r renders and augments only the samples
+``shard_bounds(n, r, N)`` of each batch the seeded iterator plans, and its gradient (scaled by
+``local_B / B``) is summed with the others' in ONE ``Allreduce`` of one flat buffer per step, so
+the update is that of one process with batch B and every rank applies the same update.
+
+Reduction order. The gradient buffer is reduced with ``MPI.SUM`` by ``Allreduce`` on one
+contiguous buffer of the parameters' dtype. MPICH chooses the algorithm (and with it the order
+in which the N contributions are added) from the message size, N and the process layout
+only, so for a fixed N and model the result is the same in every run (determinism); the
+algorithms it uses for SUM on floats (recursive doubling, reduce-scatter + allgather) add each
+pair of partial sums once and hand the same bits to every rank, which the tests check after
+every step (an ``allgather`` of a hash of the parameters). A reduction that must not rely on
+this can pass ``order="rank"`` to :class:`GradientReducer`: the buffers are gathered on rank 0,
+summed in rank order and broadcast (identical on every rank by construction, but rank 0
+receives N buffers: for small N only).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import backend
+
+# variables the common launchers set in every process they start
+_LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE",
+                       "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_size() -> int:
+    """The number of processes the MPI launcher (mpiexec) says it started; 1 without one."""
+    for name in _LAUNCHER_SIZE_VARS:
+        v = os.environ.get(name, "").strip()
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return 1
+
+
+def mpi_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("mpi4py") is not None
+
+
+def default_comm() -> Any | None:
+    """``MPI.COMM_WORLD`` when this process was started by mpiexec with more than one process
+    and mpi4py can be imported; else None (and mpi4py is not imported)."""
+    if launched_size() <= 1 or not mpi_available():
+        return None
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    return comm if comm.Get_size() > 1 else None
+
+
+def resolve_comm(comm: Any | None) -> Any | None:
+    """The communicator ``fit`` works with: the default (:func:`default_comm`) for None,
+    no communicator for False, else ``comm`` itself; a communicator of one process gives None
+    (which then runs exactly the one-process code)."""
+    if comm is False:
+        return None
+    if comm is None:
+        comm = default_comm()
+        if comm is None:
+            return None
+    for attr in ("Get_rank", "Get_size", "Allreduce"):
+        if not hasattr(comm, attr):
+            raise TypeError(f"comm must be an mpi4py communicator, None or False, got "
+                            f"{type(comm).__name__}")
+    return comm if comm.Get_size() > 1 else None
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """The fixed slice ``[lo, hi)`` of a batch of n samples that ``rank`` of ``size`` takes:
+    contiguous, in rank order, sizes differing by at most one (the larger ones last)."""
+    return (rank * n) // size, ((rank + 1) * n) // size
+
+
+def library_version() -> str:
+    """The MPI library's one-line version (imports mpi4py)."""
+    from mpi4py import MPI
+    lines = [s.strip() for s in MPI.Get_library_version().splitlines() if s.strip()]
+    return " ".join(lines[0].split()) if lines else "unknown"
+
+
+class GradientReducer:
+    """Sums the gradients of ``params`` over the ranks of ``comm`` in one flat buffer.
+
+    ``reduce(params, scale)`` multiplies the local gradients by ``scale`` (``local_B / B``),
+    packs them into one contiguous host buffer (parameters without a gradient contribute
+    zeros), reduces it, and writes the sums back as the parameters' gradients. A parameter
+    keeps ``grad = None`` only where no rank has a gradient for it (as one process would).
+    """
+
+    def __init__(self, comm: Any, order: str = "mpi") -> None:
+        if order not in ("mpi", "rank"):
+            raise ValueError(f"order must be 'mpi' or 'rank', got {order!r}")
+        self.comm = comm
+        self.order = order
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.bytes_per_step = 0
+        self.seconds = 0.0
+        self.steps = 0
+
+    def _sum(self, buf: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+        if self.order == "mpi":
+            out = np.empty_like(buf)
+            self.comm.Allreduce(buf, out, op=MPI.SUM)
+            return out
+        parts = np.empty((self.size, buf.size), buf.dtype) if self.rank == 0 else None
+        self.comm.Gather(buf, parts, root=0)
+        out = np.empty_like(buf)
+        if self.rank == 0:
+            acc = parts[0].copy()
+            for r in range(1, self.size):
+                acc += parts[r]
+            out[...] = acc
+        self.comm.Bcast(out, root=0)
+        return out
+
+    def reduce(self, params: Sequence[Any], scale: float) -> None:
+        import time
+        params = list(params)
+        if not params:
+            return
+        dtype = np.result_type(*[p.data.dtype for p in params])
+        sizes = [int(p.data.size) for p in params]
+        n = sum(sizes)
+        buf = np.zeros(n + len(params), dtype)   # gradients, then one has-a-gradient flag each
+        off = 0
+        for i, (p, s) in enumerate(zip(params, sizes)):
+            if p.grad is not None:
+                g = backend.to_host(p.grad).reshape(-1)
+                np.multiply(g, scale, out=buf[off:off + s], casting="unsafe")
+                buf[n + i] = 1
+            off += s
+        t0 = time.perf_counter()
+        out = self._sum(buf)
+        self.seconds += time.perf_counter() - t0
+        self.bytes_per_step = int(buf.nbytes)
+        self.steps += 1
+        off = 0
+        for i, (p, s) in enumerate(zip(params, sizes)):
+            if out[n + i] > 0:
+                g = out[off:off + s].reshape(p.data.shape).astype(p.data.dtype, copy=False)
+                p.grad = backend.to_device(g, backend.device_of(p.data))
+            off += s
+
+    def sum_float64(self, values: Sequence[float]) -> np.ndarray:
+        """Sum a few numbers (counts, loss sums) over the ranks, in float64."""
+        from mpi4py import MPI
+        buf = np.asarray(values, np.float64)
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        return out
+
+    def average_buffers(self, arrays: Sequence[Any]) -> list[Any]:
+        """The mean over the ranks of each array (batch norm running statistics)."""
+        arrays = list(arrays)
+        if not arrays:
+            return []
+        host = [np.asarray(backend.to_device(a, "cpu"), np.float64).reshape(-1) for a in arrays]
+        flat = self.sum_float64(np.concatenate(host)) / self.size
+        out, off = [], 0
+        for a, h in zip(arrays, host):
+            v = flat[off:off + h.size].reshape(a.shape).astype(a.dtype)
+            out.append(backend.to_device(v, backend.device_of(a)))
+            off += h.size
+        return out
+
+
+def params_digest(params: Sequence[Any]) -> str:
+    """A SHA-256 of the parameters' bytes (to check that ranks hold the same model)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(np.ascontiguousarray(backend.to_device(p.data, "cpu")).tobytes())
+    return h.hexdigest()
