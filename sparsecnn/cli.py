@@ -279,7 +279,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                  momentum=args.momentum, repeats=args.repeats, features=args.features,
                  signature_depth=args.signature_depth, scale=args.scale, tta=args.tta,
                  seed=args.seed, device=args.device, clip_grad=args.clip_grad,
-                 eval_every=args.eval_every, label_smoothing=args.label_smoothing)
+                 eval_every=args.eval_every, label_smoothing=args.label_smoothing,
+                 sync_batchnorm=args.sync_batchnorm)
     minutes = (time.perf_counter() - t0) / 60
     last = hist[-1]
     if not lead:
@@ -508,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-decay", type=_real(0), default=1e-4)
     s.add_argument("--clip-grad", type=_real(0, lo_open=True), default=None)
     s.add_argument("--label-smoothing", type=_real(0, 1), default=0.0)
+    s.add_argument("--sync-batchnorm", action="store_true",
+                   help="under mpiexec: batch norm statistics of the global batch (all ranks)")
     s.add_argument("--features", default="presence", choices=["presence", "directions",
                                                               "signature"])
     s.add_argument("--signature-depth", type=int, choices=[1, 2, 3], default=2)

@@ -106,6 +106,7 @@ class GradientReducer:
         self.bytes_per_step = 0
         self.seconds = 0.0
         self.steps = 0
+        self.bn_sync: BatchNormSync | None = None   # fit(sync_batchnorm=True)
 
     def _sum(self, buf: np.ndarray) -> np.ndarray:
         from mpi4py import MPI
@@ -173,6 +174,40 @@ class GradientReducer:
             out.append(backend.to_device(v, backend.device_of(a)))
             off += h.size
         return out
+
+
+class BatchNormSync:
+    """Sums batch norm statistics over the ranks of ``comm`` (``BatchNorm.sync``).
+
+    ``sum(values, dtype, device)`` allreduces a few per-channel arrays and numbers (float64 on
+    the host: they are a few channels long) and returns them as ``dtype`` arrays on ``device``.
+    ``weight`` is this rank's share of the global batch (local B / B), set by ``fit`` before
+    every backward: batch norm's backward works in units of this rank's loss. Every rank must
+    run the same batch norms in the same order, each with at least one sample.
+    """
+
+    def __init__(self, comm: Any) -> None:
+        self.comm = comm
+        self.weight = 1.0
+        self.calls = 0
+
+    def sum(self, values: Sequence[Any], dtype: Any, device: str) -> list[Any]:
+        from mpi4py import MPI
+        host = [np.asarray(backend.to_host(v) if not np.isscalar(v) else v,
+                           np.float64).reshape(-1) for v in values]
+        buf = np.concatenate(host)
+        out = np.empty_like(buf)
+        self.comm.Allreduce(buf, out, op=MPI.SUM)
+        self.calls += 1
+        res, off = [], 0
+        for v, h in zip(values, host):
+            part = out[off:off + h.size]
+            off += h.size
+            if np.isscalar(v):
+                res.append(float(part[0]))
+            else:
+                res.append(backend.to_device(part.reshape(v.shape).astype(dtype), device))
+        return res
 
 
 def params_digest(params: Sequence[Any]) -> str:

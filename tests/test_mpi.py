@@ -191,3 +191,50 @@ def test_resume_with_another_number_of_ranks(tmp_path):
     a, b = scn.load(tmp_path / "one.npz"), scn.load(tmp_path / "b.npz")
     for x, y in zip(a.parameters(), b.parameters()):
         np.testing.assert_allclose(y.data, x.data, rtol=1e-5, atol=1e-5)
+
+
+def _buffers(z) -> list[np.ndarray]:
+    return [z[f"buf_{i}"] for i in range(len([k for k in z.files if k.startswith("buf_")]))]
+
+
+@pytest.fixture(scope="module")
+def single_bn():
+    m = W.model(bn=True)
+    train, test = W.datasets()
+    T.fit(m, train, test, comm=False, **W.SETTINGS)
+    bufs = [b.copy() for mod in m.modules() for b in mod._buffers().values()]
+    return [p.data.copy() for p in m.parameters()], bufs
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_sync_batchnorm_gives_the_statistics_of_one_process(n, single_bn, tmp_path):
+    """sync_batchnorm=True: N ranks with local batch B/N train the batch-norm model of one
+    process with batch B (parameters and running statistics to 1e-5, the tolerance and reason
+    of the module docstring); per-rank statistics (the default) do not."""
+    ref, ref_bufs = single_bn
+    z = _worker(n, tmp_path / "s.npz", "bn", "sync")
+    got, bufs = _params(z), _buffers(z)
+    assert len(got) == len(ref) and len(bufs) == len(ref_bufs) == 6
+    for a, b in zip(got + bufs, ref + ref_bufs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if n == 2:
+        local = _params(_worker(n, tmp_path / "l.npz", "bn"))
+        assert max(float(np.abs(a - b).max()) for a, b in zip(local, ref)) > 1e-3
+
+
+def test_batchnorm_sync_requires_a_sample_per_rank():
+    class FakeComm:
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 4
+
+        def Allreduce(self, *a, **k):   # pragma: no cover - not reached
+            raise AssertionError
+
+    train, _ = W.datasets()
+    with pytest.raises(ValueError, match="at least one sample per rank"):
+        T.fit(W.model(bn=True), train, comm=FakeComm(), sync_batchnorm=True, batch_size=3,
+              epochs=1, progress=False)
