@@ -441,6 +441,8 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     progress = progress and lead
     fault = _fault_step(rank)
     device = backend.require_device(cfg.device)
+    if red is not None and device == "cuda":
+        distributed.use_local_device(comm)   # rank r: GPU local_rank % device_count
     model.to(device)
     size = _input_size(model)
     aug = _augment_kwargs(cfg.augment)

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 import sparsecnn as scn
-from sparsecnn import data, distributed, optim
+from sparsecnn import backend, data, distributed, optim
 from sparsecnn import train as T
 
 SETTINGS = dict(epochs=2, batch_size=8, lr=0.05, lr_decay=0.05, progress=False, seed=3)
@@ -62,11 +62,12 @@ def main() -> int:
     train, test = datasets()
     hist = T.fit(m, train, test, **settings)
     if comm.Get_rank() == 0:
+        device = backend.device_of(next(iter(m.parameters())).data)
         m.to("cpu")
         bufs = [b for mod in m.modules() for b in mod._buffers().values()]
         np.savez(out, *[p.data for p in m.parameters()],
                  **{f"buf_{i}": b for i, b in enumerate(bufs)}, steps=checked[0],
-                 history=json.dumps(hist), size=comm.Get_size())
+                 history=json.dumps(hist), size=comm.Get_size(), device=device)
     return 0
 
 

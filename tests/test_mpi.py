@@ -238,3 +238,42 @@ def test_batchnorm_sync_requires_a_sample_per_rank():
     with pytest.raises(ValueError, match="at least one sample per rank"):
         T.fit(W.model(bn=True), train, comm=FakeComm(), sync_batchnorm=True, batch_size=3,
               epochs=1, progress=False)
+
+
+@needs_mpi
+def test_cuda_simulation_ranks_train_the_model_of_the_cpu(single, tmp_path):
+    """device="cuda" under SPARSECNN_CUDA_SIM=1 on 2 ranks: the device path up to the
+    communicator (device arrays on host memory, reduced through MPI; NCCL needs a real GPU,
+    see bench/gpu_check.py) gives the one-process CPU model to the tolerance above."""
+    from sparsecnn import backend
+    if not backend.gpu_status()[0] and not _sim_ok():
+        pytest.skip("the CUDA simulation needs a host C++ compiler with OpenMP")
+    ref, _ = single
+    p = _mpirun(2, ["-m", "tests.mpi_worker", str(tmp_path / "g.npz"), "cuda"], timeout=600,
+                SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    z = np.load(tmp_path / "g.npz")
+    assert str(z["device"]) == "cuda"    # trained on the (simulated) device
+    got = _params(z)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _sim_ok() -> bool:
+    from sparsecnn import _gpu
+    return _gpu.find_host_compiler() is not None
+
+
+def test_local_rank_from_the_launchers_environment(monkeypatch):
+    for name in (*distributed._LAUNCHER_LOCAL_RANK_VARS, "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.local_rank() == 0
+    monkeypatch.setenv("PMI_RANK", "5")
+    assert distributed.local_rank() == 5            # the global rank: one node
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+    assert distributed.local_rank() == 2
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert distributed.local_rank() == 1            # MPICH's first
+    monkeypatch.setenv("SPARSECNN_CUDA_SIM", "1")
+    assert distributed.use_local_device() is None   # one simulated device: nothing to pick
