@@ -98,8 +98,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import scipy
 
     import sparsecnn
-    from sparsecnn import _cpu, backend
+    from sparsecnn import _cpu, backend, distributed
 
+    comm = distributed.default_comm()
+    ranks = comm.gather(_rank_line(comm), root=0) if comm is not None else None
+    if comm is not None and comm.Get_rank() != 0:
+        return 0   # rank 0 prints for every rank
     print(f"sparsecnn {sparsecnn.__version__}")
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"numpy      {np.__version__}   scipy {scipy.__version__}")
@@ -116,14 +120,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     tune_malloc()
     active, how = malloc_tuning_status()
     print(f"malloc     {'tuned: ' if active else 'not tuned: '}{how}")
-    from sparsecnn import distributed
-    if distributed.mpi_available():
+    if ranks is not None:
+        print(f"MPI        {distributed.library_version()}; mpi4py {_mpi4py_version()}; "
+              f"{comm.Get_size()} ranks (this is rank 0):")
+        for line in ranks:
+            print(f"           {line}")
+    elif distributed.mpi_available():
         try:
             from mpi4py import MPI
-            comm = MPI.COMM_WORLD
+            world = MPI.COMM_WORLD
             print(f"MPI        {distributed.library_version()}; mpi4py {_mpi4py_version()}; "
-                  f"{comm.Get_size()} rank{'s' if comm.Get_size() > 1 else ''} "
-                  f"(this is rank {comm.Get_rank()})")
+                  f"{world.Get_size()} rank{'s' if world.Get_size() > 1 else ''} "
+                  f"(this is rank {world.Get_rank()})")
         except Exception as e:   # a broken MPI install: say so, do not fail
             print(f"MPI        mpi4py found but unusable: {_message(e)}")
     else:
@@ -135,6 +143,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device     cuda = {_gpu.device_name()}; kernels {', '.join(_gpu.KERNEL_NAMES)}"
               f"; fused {', '.join(sorted(_gpu.CAPABILITIES))}")
     return 0
+
+
+def _rank_line(comm: Any) -> str:
+    """One MPI rank's line of ``sparsecnn info``: its host, local rank and device."""
+    from sparsecnn import backend, distributed
+    lr = distributed.local_rank(comm)
+    ok, why = backend.gpu_status()
+    if ok:
+        from sparsecnn import _gpu
+        dev = distributed.use_local_device(comm)
+        where = f"cuda{'' if dev is None else ':' + str(dev)} = {_gpu.device_name()}"
+    else:
+        where = "cpu"
+    return (f"rank {comm.Get_rank()}: host {platform.node()}, local rank {lr}, "
+            f"device {where}")
 
 
 def _demo_strokes(char: str | None):

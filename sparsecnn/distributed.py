@@ -154,6 +154,35 @@ def nccl_allreduce_sum(ncomm: Any, buf: Any) -> None:  # pragma: no cover - need
     stream.synchronize()
 
 
+_abort_hook_installed = False
+
+
+def install_abort_hook(comm: Any) -> None:
+    """Make an uncaught exception on this rank end the whole job (``comm.Abort``) instead of
+    leaving the other ranks waiting in a collective forever: ``sys.excepthook`` prints the
+    traceback as usual, then one line ``sparsecnn: error (rank r of N): Type: message``, then
+    aborts. ``fit`` installs it when it trains on more than one rank (the CLI catches errors
+    itself and aborts the same way). Installed once per process."""
+    global _abort_hook_installed
+    if _abort_hook_installed or comm is None or comm.Get_size() <= 1:
+        return
+    import sys
+    previous = sys.excepthook
+    rank, size = comm.Get_rank(), comm.Get_size()
+
+    def hook(kind, value, tb):
+        try:
+            previous(kind, value, tb)
+            print(f"sparsecnn: error (rank {rank} of {size}): {kind.__name__}: {value}",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+        finally:
+            comm.Abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
+
+    sys.excepthook = hook
+    _abort_hook_installed = True
+
+
 def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     """The fixed slice ``[lo, hi)`` of a batch of n samples that ``rank`` of ``size`` takes:
     contiguous, in rank order, sizes differing by at most one (the larger ones last)."""

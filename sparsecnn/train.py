@@ -428,7 +428,8 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
         over the ranks in the forward and backward, as one process computes them; every
         rank then needs at least one sample per step); its running statistics are averaged
         over the ranks at the end of every epoch. Dropout masks differ per rank (rank r > 0
-        reseeds from rank 0's generator and r), reproducibly.
+        reseeds from rank 0's generator and r), reproducibly. On more than one rank an
+        uncaught exception aborts the whole job (:func:`distributed.install_abort_hook`).
     **settings : fields of :class:`FitConfig` (epochs, batch_size, lr, momentum, ...)
     """
     cfg = FitConfig(**settings)
@@ -436,6 +437,7 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     _check_fit_data(model, train_data, test_data, extra_eval)
     comm = distributed.resolve_comm(comm)
     red = distributed.GradientReducer(comm) if comm is not None else None
+    distributed.install_abort_hook(comm)   # an uncaught error on one rank ends the job
     rank = red.rank if red is not None else 0
     lead = rank == 0
     progress = progress and lead

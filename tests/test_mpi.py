@@ -156,8 +156,19 @@ def test_cli_train_under_mpiexec(tmp_path):
 def test_info_shows_mpi_library_and_ranks():
     p = _mpirun(2, ["-m", "sparsecnn", "info"])
     assert p.returncode == 0, p.stderr
-    assert "2 ranks (this is rank 0)" in p.stdout and "2 ranks (this is rank 1)" in p.stdout
-    assert "MPI        " in p.stdout
+    assert p.stdout.count("MPI        ") == 1 and p.stdout.count("sparsecnn ") == 1
+    assert "2 ranks (this is rank 0):" in p.stdout and "this is rank 1" not in p.stdout
+    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("rank ")]
+    assert [ln.split(":")[0] for ln in lines] == ["rank 0", "rank 1"], p.stdout
+    assert all("local rank" in ln and "device cpu" in ln for ln in lines), p.stdout
+
+
+@needs_mpi
+def test_info_gathers_the_ranks_simulated_devices():
+    p = _mpirun(2, ["-m", "sparsecnn", "info"], SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("rank ")]
+    assert len(lines) == 2 and all("device cuda = CUDA simulation" in ln for ln in lines)
 
 
 @needs_mpi
@@ -277,3 +288,17 @@ def test_local_rank_from_the_launchers_environment(monkeypatch):
     assert distributed.local_rank() == 1            # MPICH's first
     monkeypatch.setenv("SPARSECNN_CUDA_SIM", "1")
     assert distributed.use_local_device() is None   # one simulated device: nothing to pick
+
+
+@needs_mpi
+def test_an_uncaught_error_in_fit_on_one_rank_aborts_the_job(tmp_path):
+    """The Python API under plain ``mpiexec -n 3 python3 script.py`` (no CLI, no
+    ``-m mpi4py``): fit's abort hook ends every rank in bounded time with the rank's line."""
+    t0 = time.monotonic()
+    p = _mpirun(3, ["-m", "tests.mpi_worker", str(tmp_path / "x.npz")], timeout=60,
+                SPARSECNN_FAULT_INJECT="2:2")
+    assert time.monotonic() - t0 < 60
+    assert p.returncode != 0
+    assert ("sparsecnn: error (rank 2 of 3): RuntimeError: injected fault on rank 2 at step 2"
+            in p.stderr), p.stderr
+    assert not (tmp_path / "x.npz").exists()
