@@ -234,7 +234,10 @@ def test_sync_batchnorm_gives_the_statistics_of_one_process(n, single_bn, tmp_pa
         assert max(float(np.abs(a - b).max()) for a, b in zip(local, ref)) > 1e-3
 
 
-def test_batchnorm_sync_requires_a_sample_per_rank():
+def test_batchnorm_sync_requires_a_sample_per_rank(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)        # fit's abort hook: undone
+    monkeypatch.setattr(distributed, "_abort_hook_installed", False)
+
     class FakeComm:
         def Get_rank(self):
             return 0
@@ -252,7 +255,7 @@ def test_batchnorm_sync_requires_a_sample_per_rank():
 
 
 @needs_mpi
-def test_cuda_simulation_ranks_train_the_model_of_the_cpu(single, tmp_path):
+def test_cuda_simulation_ranks_train_the_model_of_the_cpu(single, single_bn, tmp_path):
     """device="cuda" under SPARSECNN_CUDA_SIM=1 on 2 ranks: the device path up to the
     communicator (device arrays on host memory, reduced through MPI; NCCL needs a real GPU,
     see bench/gpu_check.py) gives the one-process CPU model to the tolerance above."""
@@ -268,6 +271,13 @@ def test_cuda_simulation_ranks_train_the_model_of_the_cpu(single, tmp_path):
     got = _params(z)
     assert len(got) == len(ref)
     for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # synchronised batch norm on the device: its statistics go through the host (MPI) too
+    p = _mpirun(2, ["-m", "tests.mpi_worker", str(tmp_path / "b.npz"), "bn", "sync", "cuda"],
+                timeout=600, SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    z = np.load(tmp_path / "b.npz")
+    for a, b in zip(_params(z) + _buffers(z), single_bn[0] + single_bn[1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
