@@ -90,7 +90,8 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("sparsecnn benchmark summary (median ms)")
-    threads = os.environ.get("OMP_NUM_THREADS", str(scn._cpu.max_threads()))
+    from sparsecnn import _cpu
+    threads = os.environ.get("OMP_NUM_THREADS", str(_cpu.max_threads()))
     tr.write_line(f"OpenMP threads: {threads}")
     sg = RESULTS.get("sgemm 2048^3", {}).get("gflops")
     for name, r in RESULTS.items():
@@ -101,7 +102,8 @@ def pytest_terminal_summary(terminalreporter):
         if "flops" in r:
             g = r["flops"] / (m * 1e-3) / 1e9
             extra.append(f"{g:6.1f} GFLOP/s" + (f" ({100 * g / sg:4.1f}% of sgemm)" if sg else ""))
-        for k in ("active_in", "pairs", "macs_sparse", "macs_dense"):
+        for k in ("active_in", "pairs", "macs_sparse", "macs_dense", "samples_per_second",
+                  "allreduce_bytes", "allreduce_ms"):
             if k in r:
                 extra.append(f"{k}={r[k]:,}")
         tr.write_line(f"  {name:<44} {m:9.2f}  {'  '.join(extra)}")

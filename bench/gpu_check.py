@@ -15,6 +15,9 @@ default, so the whole check ends within 6 minutes):
   memcheck     compute-sanitizer --tool memcheck  on ``gpu_check.py --tiny-step``
   racecheck    compute-sanitizer --tool racecheck on the same
   bench        python3 -m pytest bench/test_bench_gpu.py (CPU, CUDA, PyTorch dense)
+  nccl         extra: a one-rank NCCL communicator (sparsecnn.distributed) allreduces a small
+               CuPy array, and GradientReducer over MPI.COMM_SELF (if mpi4py is installed)
+               reduces device gradients through it; results checked (real GPU only)
   synccheck, initcheck   extra sanitizer tools, only with the time that is left
 
 A step that fails or runs out of time is recorded and the check goes on. The summary is
@@ -72,6 +75,7 @@ STEPS = {
     "memcheck": (60, 25, True),
     "racecheck": (75, 30, True),
     "bench": (150, 100, True),
+    "nccl": (40, 0, False),
     "synccheck": (45, 0, False),
     "initcheck": (45, 0, False),
 }
@@ -81,6 +85,32 @@ SANITIZER_TOOLS = {
     "synccheck": ["--tool", "synccheck"],
     "initcheck": ["--tool", "initcheck"],
 }
+# the "nccl" step: one rank, so NCCL moves no data between GPUs, but the communicator, the
+# device buffer and the in-place allreduce of sparsecnn.distributed all run
+NCCL_CHECK = r"""
+import numpy as np, cupy
+from sparsecnn import distributed as D
+ncomm = D.nccl_communicator(None)
+x = cupy.arange(10, dtype=cupy.float32) * 0.5
+D.nccl_allreduce_sum(ncomm, x)
+assert cupy.asnumpy(x).tolist() == (np.arange(10) * 0.5).tolist(), x
+print("nccl one-rank allreduce: ok")
+try:
+    from mpi4py import MPI
+except ImportError:
+    print("GradientReducer on the device: skipped (no mpi4py)")
+else:
+    import sparsecnn as scn
+    m = scn.models.DeepCNet(2, 4, num_classes=3).to("cuda")
+    for p in m.parameters():
+        p.grad = cupy.ones(p.data.shape, p.data.dtype)
+    red = D.GradientReducer(MPI.COMM_SELF)
+    red._nccl = ncomm
+    red.reduce(m.parameters(), 0.25)
+    for p in m.parameters():
+        assert isinstance(p.grad, cupy.ndarray) and float(abs(p.grad - 0.25).max()) == 0.0
+    print(f"GradientReducer on the device: ok ({red.bytes_per_step} bytes)")
+"""
 MIN_STEP_S = 8  # a step that would get less than this is skipped ("no time left")
 TAIL = 4000
 
@@ -434,6 +464,22 @@ class Check:
         r["note"] = f"{len(figures.get('results', {}))} figures"
         self.record(name, **r)
 
+    def nccl(self) -> None:
+        name = "nccl"
+        ok, why = self.gpu_ready()
+        if self.sim or not ok:
+            self.record(name, status="unavailable", seconds=0.0,
+                        note="NCCL needs a real GPU" if self.sim else why)
+            return
+        r = self.step(name, [self.python, "-c", NCCL_CHECK], self.env())
+        if r.get("status") != "skipped":
+            r["status"] = ("timeout" if r["timed_out"] else
+                           "ok" if r["rc"] == 0 and "allreduce: ok" in r["tail"] else "failed")
+            r["note"] = "one-rank NCCL allreduce" + (" + GradientReducer" if
+                                                     "GradientReducer on the device: ok"
+                                                     in r["tail"] else "")
+        self.record(name, **r)
+
     def run(self) -> int:
         print(f"[gpu_check] summary: {self.out} (budget {self.budget:.0f} s, "
               f"{self.summary['mode']})", flush=True)
@@ -453,6 +499,8 @@ class Check:
                     self.sanitizer(name)
                 elif name == "bench":
                     self.bench()
+                elif name == "nccl":
+                    self.nccl()
             except Exception as e:  # a broken step is recorded; the check goes on
                 self.record(name, status="error", seconds=0.0,
                             note=f"gpu_check itself failed here: {type(e).__name__}: {e}")

@@ -98,8 +98,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     import scipy
 
     import sparsecnn
-    from sparsecnn import _cpu, backend
+    from sparsecnn import _cpu, backend, distributed
 
+    comm = distributed.default_comm()
+    ranks = comm.gather(_rank_line(comm), root=0) if comm is not None else None
+    if comm is not None and comm.Get_rank() != 0:
+        return 0   # rank 0 prints for every rank
     print(f"sparsecnn {sparsecnn.__version__}")
     print(f"python     {platform.python_version()} ({sys.executable})")
     print(f"numpy      {np.__version__}   scipy {scipy.__version__}")
@@ -116,14 +120,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     tune_malloc()
     active, how = malloc_tuning_status()
     print(f"malloc     {'tuned: ' if active else 'not tuned: '}{how}")
-    from sparsecnn import distributed
-    if distributed.mpi_available():
+    if ranks is not None:
+        print(f"MPI        {distributed.library_version()}; mpi4py {_mpi4py_version()}; "
+              f"{comm.Get_size()} ranks (this is rank 0):")
+        for line in ranks:
+            print(f"           {line}")
+    elif distributed.mpi_available():
         try:
             from mpi4py import MPI
-            comm = MPI.COMM_WORLD
+            world = MPI.COMM_WORLD
             print(f"MPI        {distributed.library_version()}; mpi4py {_mpi4py_version()}; "
-                  f"{comm.Get_size()} rank{'s' if comm.Get_size() > 1 else ''} "
-                  f"(this is rank {comm.Get_rank()})")
+                  f"{world.Get_size()} rank{'s' if world.Get_size() > 1 else ''} "
+                  f"(this is rank {world.Get_rank()})")
         except Exception as e:   # a broken MPI install: say so, do not fail
             print(f"MPI        mpi4py found but unusable: {_message(e)}")
     else:
@@ -135,6 +143,21 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"device     cuda = {_gpu.device_name()}; kernels {', '.join(_gpu.KERNEL_NAMES)}"
               f"; fused {', '.join(sorted(_gpu.CAPABILITIES))}")
     return 0
+
+
+def _rank_line(comm: Any) -> str:
+    """One MPI rank's line of ``sparsecnn info``: its host, local rank and device."""
+    from sparsecnn import backend, distributed
+    lr = distributed.local_rank(comm)
+    ok, why = backend.gpu_status()
+    if ok:
+        from sparsecnn import _gpu
+        dev = distributed.use_local_device(comm)
+        where = f"cuda{'' if dev is None else ':' + str(dev)} = {_gpu.device_name()}"
+    else:
+        where = "cpu"
+    return (f"rank {comm.Get_rank()}: host {platform.node()}, local rank {lr}, "
+            f"device {where}")
 
 
 def _demo_strokes(char: str | None):
@@ -279,7 +302,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                  momentum=args.momentum, repeats=args.repeats, features=args.features,
                  signature_depth=args.signature_depth, scale=args.scale, tta=args.tta,
                  seed=args.seed, device=args.device, clip_grad=args.clip_grad,
-                 eval_every=args.eval_every, label_smoothing=args.label_smoothing)
+                 eval_every=args.eval_every, label_smoothing=args.label_smoothing,
+                 sync_batchnorm=args.sync_batchnorm)
     minutes = (time.perf_counter() - t0) / 60
     last = hist[-1]
     if not lead:
@@ -508,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--weight-decay", type=_real(0), default=1e-4)
     s.add_argument("--clip-grad", type=_real(0, lo_open=True), default=None)
     s.add_argument("--label-smoothing", type=_real(0, 1), default=0.0)
+    s.add_argument("--sync-batchnorm", action="store_true",
+                   help="under mpiexec: batch norm statistics of the global batch (all ranks)")
     s.add_argument("--features", default="presence", choices=["presence", "directions",
                                                               "signature"])
     s.add_argument("--signature-depth", type=int, choices=[1, 2, 3], default=2)

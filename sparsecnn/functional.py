@@ -421,13 +421,20 @@ def _check_bn_options(eps: Any, momentum: Any) -> None:
 
 def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean, running_var,
                *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
-               ground_state: bool = True) -> SparseTensor:
+               ground_state: bool = True, sync: Any = None) -> SparseTensor:
     """Batch normalisation with statistics over the active sites.
 
     Training: per-channel mean and (biased) variance over the active features normalise the
     features and the ground alike; ``running_mean``/``running_var`` (arrays, updated in
     place) move towards them by ``momentum`` (the unbiased variance, as PyTorch does).
     Evaluation: the running statistics are used.
+
+    ``sync`` (training only; a :class:`sparsecnn.distributed.BatchNormSync`): the statistics
+    are those of the union of every rank's active sites: the per-channel sums and the site
+    count are summed over the ranks, then the sums of squared deviations from that mean; the
+    backward sums the two statistic-gradient sums likewise (weighted by each rank's share of
+    the global batch, ``sync.weight``), so N ranks compute what one process with the whole
+    batch computes.
     """
     _check_sparse(x, "BatchNorm")
     _check_bn_options(eps, momentum)
@@ -437,10 +444,18 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
     xp = backend.xp(x.device)
     n = x.n_active
     if training:
-        if n == 0:
+        if n == 0 and sync is None:
             raise ValueError("BatchNorm in training mode needs at least one active site")
-        mean = colsum(x.features) / n
-        var = colsum((x.features - mean) ** 2) / n
+        if sync is not None:
+            s, cnt = sync.sum([colsum(x.features), n], x.dtype, x.device)
+            n = int(round(float(cnt)))
+            if n == 0:
+                raise ValueError("BatchNorm in training mode needs at least one active site")
+            mean = s / n
+            var = sync.sum([colsum((x.features - mean) ** 2)], x.dtype, x.device)[0] / n
+        else:
+            mean = colsum(x.features) / n
+            var = colsum((x.features - mean) ** 2) / n
         unbiased = var * (n / (n - 1)) if n > 1 else var
         running_mean *= 1 - momentum
         running_mean += momentum * mean
@@ -464,8 +479,11 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
         g_beta = gy_sum + gg
         if training:
             # the ground is an extra output that uses the statistics but is not part of them
-            s1 = (gy_sum + gg) / n
-            s2 = (gyxh_sum + gg * gh) / n
+            s1, s2 = gy_sum + gg, gyxh_sum + gg * gh
+            if sync is not None:   # in units of this rank's loss: divided by its weight
+                w = sync.weight
+                s1, s2 = (v / w for v in sync.sum([s1 * w, s2 * w], x.dtype, x.device))
+            s1, s2 = s1 / n, s2 / n
             gx = gamma.data * inv * (gy - s1 - xh * s2)
         else:
             gx = gamma.data * inv * gy

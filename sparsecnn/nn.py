@@ -499,8 +499,12 @@ class BatchNorm(Module):
     """Batch normalisation over the active sites (the ground goes through the same map).
 
     ``weight`` (gamma) and ``bias`` (beta) have shape (channels,); running statistics are
-    buffers saved with the model.
+    buffers saved with the model. ``sync`` (not saved; None by default): a
+    :class:`sparsecnn.distributed.BatchNormSync` whose ranks share the training statistics
+    (``fit(..., sync_batchnorm=True)`` sets it for the run; sparse inputs only).
     """
+
+    sync: Any = None
 
     def __init__(self, channels: int, *, eps: float = 1e-5, momentum: float = 0.1,
                  dtype: Any = np.float32) -> None:
@@ -521,13 +525,17 @@ class BatchNorm(Module):
         return {"weight": (self.channels,), "bias": (self.channels,)}
 
     def forward(self, x: SparseTensor | Tensor) -> SparseTensor | Tensor:
+        sync = self.sync if self.training else None
         if isinstance(x, Tensor):
+            if sync is not None:
+                raise NotImplementedError("BatchNorm: synchronised statistics (sync) are for "
+                                          "sparse inputs only, not after a global pooling")
             return _heads().dense_batch_norm(x, self.weight, self.bias, self.running_mean,
                                              self.running_var, training=self.training,
                                              momentum=self.momentum, eps=self.eps)
         return F.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var,
                             training=self.training, momentum=self.momentum, eps=self.eps,
-                            ground_state=self.ground_state)
+                            ground_state=self.ground_state, sync=sync)
 
     def _spec_args(self) -> dict[str, Any]:
         return dict(channels=self.channels, eps=self.eps, momentum=self.momentum)

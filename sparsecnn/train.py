@@ -26,7 +26,7 @@ from .autograd import no_grad
 from .data import BatchIterator, StrokeDataset
 from .functional import cross_entropy, log_softmax
 from .metrics import RunningMean, accuracy, topk_accuracy
-from .nn import Dropout, Module
+from .nn import BatchNorm, Dropout, Module
 
 DEFAULT_AUGMENT = {"scale": 0.1, "stretch": 0.1, "shear": 0.15, "rotation": 0.15,
                    "translation": 0.05, "stroke_jitter": 0.01}
@@ -55,6 +55,7 @@ class FitConfig:
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 1
+    sync_batchnorm: bool = False    # under MPI: batch norm statistics over all ranks' shards
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "repeats", "tta", "eval_every"):
@@ -67,6 +68,8 @@ class FitConfig:
             raise ValueError(f"schedule must be 'exp', 'step' or 'cosine', got {self.schedule!r}")
         if self.clip_grad is not None and not self.clip_grad > 0:
             raise ValueError(f"clip_grad must be > 0 or None, got {self.clip_grad!r}")
+        if not isinstance(self.sync_batchnorm, bool):
+            raise ValueError(f"sync_batchnorm must be a bool, got {self.sync_batchnorm!r}")
         backend.parse_device(self.device)
 
 
@@ -421,9 +424,12 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
         update, so the model is that of one process with the same settings (to float
         rounding). Evaluation is sharded too; rank 0 alone prints and writes ``log`` and
         ``checkpoint``; every rank returns the same history. Batch norm uses each rank's own
-        batch statistics; its running statistics are averaged over the ranks at the end of
-        every epoch. Dropout masks differ per rank (rank r > 0 reseeds from rank 0's
-        generator and r), reproducibly.
+        batch statistics (``sync_batchnorm=True``: those of the whole global batch, summed
+        over the ranks in the forward and backward, as one process computes them; every
+        rank then needs at least one sample per step); its running statistics are averaged
+        over the ranks at the end of every epoch. Dropout masks differ per rank (rank r > 0
+        reseeds from rank 0's generator and r), reproducibly. On more than one rank an
+        uncaught exception aborts the whole job (:func:`distributed.install_abort_hook`).
     **settings : fields of :class:`FitConfig` (epochs, batch_size, lr, momentum, ...)
     """
     cfg = FitConfig(**settings)
@@ -431,11 +437,14 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     _check_fit_data(model, train_data, test_data, extra_eval)
     comm = distributed.resolve_comm(comm)
     red = distributed.GradientReducer(comm) if comm is not None else None
+    distributed.install_abort_hook(comm)   # an uncaught error on one rank ends the job
     rank = red.rank if red is not None else 0
     lead = rank == 0
     progress = progress and lead
     fault = _fault_step(rank)
     device = backend.require_device(cfg.device)
+    if red is not None and device == "cuda":
+        distributed.use_local_device(comm)   # rank r: GPU local_rank % device_count
     model.to(device)
     size = _input_size(model)
     aug = _augment_kwargs(cfg.augment)
@@ -451,6 +460,14 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     start, history = 0, []
     if resume and checkpoint is not None and Path(checkpoint).exists():
         start, history = load_checkpoint(checkpoint, model, opt, sched)
+    bn_sync = None
+    if red is not None and cfg.sync_batchnorm:
+        smallest = min(cfg.batch_size, len(reps))
+        if smallest < red.size:
+            raise ValueError(f"sync_batchnorm needs at least one sample per rank and step: "
+                             f"batch of {smallest} on {red.size} ranks")
+        bn_sync = distributed.BatchNormSync(comm)
+        red.bn_sync = bn_sync
     if red is not None and rank > 0:   # masks of its own, reproducibly
         for d in _dropout_layers(model):
             d.rng = np.random.default_rng([int(d.rng.integers(2**62)), rank])
@@ -471,6 +488,9 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     logf = open(log, "a") if log is not None and lead else None
     evcomm = comm if comm is not None else False
     gstep = 0
+    bns = [m for m in model.modules() if isinstance(m, BatchNorm)] if bn_sync else []
+    for m in bns:
+        m.sync = bn_sync
     try:
         for epoch in range(start, cfg.epochs):
             model.train()
@@ -551,6 +571,8 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
             if checkpoint is not None and lead:
                 save_checkpoint(checkpoint, model, opt, sched, epoch + 1, history, cfg, info)
     finally:
+        for m in bns:
+            m.__dict__.pop("sync", None)
         if logf is not None:
             logf.close()
     return history
@@ -592,6 +614,9 @@ def _parallel_step(model: Module, batch: Any, red: distributed.GradientReducer,
             f"the loss became {glv} at epoch {epoch + 1}, step {step + 1} (lr "
             f"{opt.lr:.3g}): training diverged; lower the learning rate (lr=...) "
             f"or clip gradients (clip_grad=...)")
+    bn_sync = getattr(red, "bn_sync", None)
+    if bn_sync is not None:
+        bn_sync.weight = b / gb   # batch norm's backward: in units of this rank's loss
     if loss is not None:
         with np.errstate(over="ignore", invalid="ignore"):
             loss.backward()

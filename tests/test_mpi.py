@@ -156,8 +156,19 @@ def test_cli_train_under_mpiexec(tmp_path):
 def test_info_shows_mpi_library_and_ranks():
     p = _mpirun(2, ["-m", "sparsecnn", "info"])
     assert p.returncode == 0, p.stderr
-    assert "2 ranks (this is rank 0)" in p.stdout and "2 ranks (this is rank 1)" in p.stdout
-    assert "MPI        " in p.stdout
+    assert p.stdout.count("MPI        ") == 1 and p.stdout.count("sparsecnn ") == 1
+    assert "2 ranks (this is rank 0):" in p.stdout and "this is rank 1" not in p.stdout
+    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("rank ")]
+    assert [ln.split(":")[0] for ln in lines] == ["rank 0", "rank 1"], p.stdout
+    assert all("local rank" in ln and "device cpu" in ln for ln in lines), p.stdout
+
+
+@needs_mpi
+def test_info_gathers_the_ranks_simulated_devices():
+    p = _mpirun(2, ["-m", "sparsecnn", "info"], SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stderr
+    lines = [ln.strip() for ln in p.stdout.splitlines() if ln.strip().startswith("rank ")]
+    assert len(lines) == 2 and all("device cuda = CUDA simulation" in ln for ln in lines)
 
 
 @needs_mpi
@@ -191,3 +202,113 @@ def test_resume_with_another_number_of_ranks(tmp_path):
     a, b = scn.load(tmp_path / "one.npz"), scn.load(tmp_path / "b.npz")
     for x, y in zip(a.parameters(), b.parameters()):
         np.testing.assert_allclose(y.data, x.data, rtol=1e-5, atol=1e-5)
+
+
+def _buffers(z) -> list[np.ndarray]:
+    return [z[f"buf_{i}"] for i in range(len([k for k in z.files if k.startswith("buf_")]))]
+
+
+@pytest.fixture(scope="module")
+def single_bn():
+    m = W.model(bn=True)
+    train, test = W.datasets()
+    T.fit(m, train, test, comm=False, **W.SETTINGS)
+    bufs = [b.copy() for mod in m.modules() for b in mod._buffers().values()]
+    return [p.data.copy() for p in m.parameters()], bufs
+
+
+@needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_sync_batchnorm_gives_the_statistics_of_one_process(n, single_bn, tmp_path):
+    """sync_batchnorm=True: N ranks with local batch B/N train the batch-norm model of one
+    process with batch B (parameters and running statistics to 1e-5, the tolerance and reason
+    of the module docstring); per-rank statistics (the default) do not."""
+    ref, ref_bufs = single_bn
+    z = _worker(n, tmp_path / "s.npz", "bn", "sync")
+    got, bufs = _params(z), _buffers(z)
+    assert len(got) == len(ref) and len(bufs) == len(ref_bufs) == 6
+    for a, b in zip(got + bufs, ref + ref_bufs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if n == 2:
+        local = _params(_worker(n, tmp_path / "l.npz", "bn"))
+        assert max(float(np.abs(a - b).max()) for a, b in zip(local, ref)) > 1e-3
+
+
+def test_batchnorm_sync_requires_a_sample_per_rank(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)        # fit's abort hook: undone
+    monkeypatch.setattr(distributed, "_abort_hook_installed", False)
+
+    class FakeComm:
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 4
+
+        def Allreduce(self, *a, **k):   # pragma: no cover - not reached
+            raise AssertionError
+
+    train, _ = W.datasets()
+    with pytest.raises(ValueError, match="at least one sample per rank"):
+        T.fit(W.model(bn=True), train, comm=FakeComm(), sync_batchnorm=True, batch_size=3,
+              epochs=1, progress=False)
+
+
+@needs_mpi
+def test_cuda_simulation_ranks_train_the_model_of_the_cpu(single, single_bn, tmp_path):
+    """device="cuda" under SPARSECNN_CUDA_SIM=1 on 2 ranks: the device path up to the
+    communicator (device arrays on host memory, reduced through MPI; NCCL needs a real GPU,
+    see bench/gpu_check.py) gives the one-process CPU model to the tolerance above."""
+    from sparsecnn import backend
+    if not backend.gpu_status()[0] and not _sim_ok():
+        pytest.skip("the CUDA simulation needs a host C++ compiler with OpenMP")
+    ref, _ = single
+    p = _mpirun(2, ["-m", "tests.mpi_worker", str(tmp_path / "g.npz"), "cuda"], timeout=600,
+                SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    z = np.load(tmp_path / "g.npz")
+    assert str(z["device"]) == "cuda"    # trained on the (simulated) device
+    got = _params(z)
+    assert len(got) == len(ref)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # synchronised batch norm on the device: its statistics go through the host (MPI) too
+    p = _mpirun(2, ["-m", "tests.mpi_worker", str(tmp_path / "b.npz"), "bn", "sync", "cuda"],
+                timeout=600, SPARSECNN_CUDA_SIM="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    z = np.load(tmp_path / "b.npz")
+    for a, b in zip(_params(z) + _buffers(z), single_bn[0] + single_bn[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _sim_ok() -> bool:
+    from sparsecnn import _gpu
+    return _gpu.find_host_compiler() is not None
+
+
+def test_local_rank_from_the_launchers_environment(monkeypatch):
+    for name in (*distributed._LAUNCHER_LOCAL_RANK_VARS, "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.local_rank() == 0
+    monkeypatch.setenv("PMI_RANK", "5")
+    assert distributed.local_rank() == 5            # the global rank: one node
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "2")
+    assert distributed.local_rank() == 2
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")
+    assert distributed.local_rank() == 1            # MPICH's first
+    monkeypatch.setenv("SPARSECNN_CUDA_SIM", "1")
+    assert distributed.use_local_device() is None   # one simulated device: nothing to pick
+
+
+@needs_mpi
+def test_an_uncaught_error_in_fit_on_one_rank_aborts_the_job(tmp_path):
+    """The Python API under plain ``mpiexec -n 3 python3 script.py`` (no CLI, no
+    ``-m mpi4py``): fit's abort hook ends every rank in bounded time with the rank's line."""
+    t0 = time.monotonic()
+    p = _mpirun(3, ["-m", "tests.mpi_worker", str(tmp_path / "x.npz")], timeout=60,
+                SPARSECNN_FAULT_INJECT="2:2")
+    assert time.monotonic() - t0 < 60
+    assert p.returncode != 0
+    assert ("sparsecnn: error (rank 2 of 3): RuntimeError: injected fault on rank 2 at step 2"
+            in p.stderr), p.stderr
+    assert not (tmp_path / "x.npz").exists()

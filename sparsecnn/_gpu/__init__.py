@@ -80,6 +80,7 @@ def device_name() -> str:
     if simulation_requested():
         return "CUDA simulation on the CPU"
     import cupy  # pragma: no cover - needs a GPU
-    props = cupy.cuda.runtime.getDeviceProperties(0)  # pragma: no cover
+    dev = cupy.cuda.runtime.getDevice()  # pragma: no cover - the current device (MPI ranks)
+    props = cupy.cuda.runtime.getDeviceProperties(dev)  # pragma: no cover
     name = props["name"]  # pragma: no cover
     return name.decode() if isinstance(name, bytes) else str(name)  # pragma: no cover
