@@ -643,6 +643,8 @@ def _main_mpi(args: argparse.Namespace, prog: str, comm: Any, debug: bool) -> in
             2 if isinstance(e, USER_ERRORS) else 1)
         print(f"{prog}: error ({where}): {kind}{_message(e)}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        import time
+        time.sleep(0.2)     # let the launcher forward the line before the abort ends us
         comm.Abort(status)
         return status   # pragma: no cover (Abort does not return)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,8 +160,8 @@ _abort_hook_installed = False
 
 def install_abort_hook(comm: Any) -> None:
     """Make an uncaught exception on this rank end the whole job (``comm.Abort``) instead of
-    leaving the other ranks waiting in a collective forever: ``sys.excepthook`` prints the
-    traceback as usual, then one line ``sparsecnn: error (rank r of N): Type: message``, then
+    leaving the other ranks waiting in a collective forever: ``sys.excepthook`` prints one
+    line ``sparsecnn: error (rank r of N): Type: message``, then the traceback as usual, then
     aborts. ``fit`` installs it when it trains on more than one rank (the CLI catches errors
     itself and aborts the same way). Installed once per process."""
     global _abort_hook_installed
@@ -172,10 +173,14 @@ def install_abort_hook(comm: Any) -> None:
 
     def hook(kind, value, tb):
         try:
-            previous(kind, value, tb)
+            # the one line first: Abort may end the process before the launcher has
+            # forwarded everything written after it
             print(f"sparsecnn: error (rank {rank} of {size}): {kind.__name__}: {value}",
                   file=sys.stderr, flush=True)
+            previous(kind, value, tb)
+            sys.stderr.flush()
             sys.stdout.flush()
+            time.sleep(0.2)     # let the launcher forward the output before the abort
         finally:
             comm.Abort(130 if issubclass(kind, KeyboardInterrupt) else 1)
 
