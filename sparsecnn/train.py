@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -499,7 +500,9 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
             bar = _bar(len(it), f"epoch {epoch + 1}/{cfg.epochs}", progress)
             for step, batch in enumerate(it.batches(epoch)):
                 gstep += 1
-                if fault is not None and gstep == fault:
+                if fault is not None and gstep == fault[0]:
+                    if fault[1]:       # the process dies (as if killed), no Python cleanup
+                        os.kill(os.getpid(), signal.SIGKILL)
                     raise RuntimeError(f"injected fault on rank {rank} at step {gstep} "
                                        f"(SPARSECNN_FAULT_INJECT)")
                 if red is not None:
@@ -578,17 +581,22 @@ def fit(model: Module, train_data: StrokeDataset, test_data: StrokeDataset | Non
     return history
 
 
-def _fault_step(rank: int) -> int | None:
-    """The step (counted from 1 over the whole run) at which this rank raises, from
-    ``SPARSECNN_FAULT_INJECT=RANK:STEP`` (a test hook for the fault handling of MPI runs)."""
+def _fault_step(rank: int) -> tuple[int, bool] | None:
+    """(step, kill): the step (counted from 1 over the whole run) at which this rank raises,
+    or with ``:kill`` is killed, from ``SPARSECNN_FAULT_INJECT=RANK:STEP[:kill]`` (a test
+    hook for the fault handling of MPI runs)."""
     spec = os.environ.get("SPARSECNN_FAULT_INJECT", "").strip()
     if not spec:
         return None
+    parts = spec.split(":")
     try:
-        r, k = (int(v) for v in spec.split(":"))
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "kill"):
+            raise ValueError
+        r, k = int(parts[0]), int(parts[1])
     except ValueError:
-        raise ValueError(f"SPARSECNN_FAULT_INJECT must be RANK:STEP, got {spec!r}") from None
-    return k if r == rank else None
+        raise ValueError(f"SPARSECNN_FAULT_INJECT must be RANK:STEP or RANK:STEP:kill, got "
+                         f"{spec!r}") from None
+    return (k, len(parts) == 3) if r == rank else None
 
 
 def _parallel_step(model: Module, batch: Any, red: distributed.GradientReducer,

@@ -188,6 +188,20 @@ def test_a_failing_rank_ends_the_whole_job_in_bounded_time(tmp_path):
 
 
 @needs_mpi
+def test_a_killed_rank_ends_the_whole_job_in_bounded_time(tmp_path):
+    """A rank that dies mid-run (SIGKILL: no Python cleanup, no abort of its own): the
+    launcher ends the others, and the job exits non-zero, in bounded time."""
+    args = ["-m", "sparsecnn", "train", "--data", "synthetic", "--classes", "3", "--l", "2",
+            "--k", "4", "--epochs", "3", "--out", "m.npz", "--quiet"]
+    t0 = time.monotonic()
+    p = _mpirun(3, args, cwd=tmp_path, timeout=120, SPARSECNN_FAULT_INJECT="1:3:kill")
+    assert time.monotonic() - t0 < 120
+    assert p.returncode != 0
+    assert "signal 9" in p.stdout + p.stderr, p.stdout + p.stderr   # the kill ended it
+    assert not (tmp_path / "m.npz").exists()
+
+
+@needs_mpi
 def test_resume_with_another_number_of_ranks(tmp_path):
     base = ["-m", "sparsecnn", "train", "--data", "synthetic", "--classes", "3", "--l", "2",
             "--k", "4", "--repeats", "1", "--quiet"]
