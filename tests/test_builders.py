@@ -494,13 +494,6 @@ def test_unet_without_deconvolution(monkeypatch):
         scn.models.UNet()
 
 
-needs_deconv = pytest.mark.skipif(
-    not hasattr(scn, "Deconvolution"),
-    reason="scn.Deconvolution (the transposed convolution, issue 11 section 3) is not in "
-           "this version yet; the UNet's wiring is tested with a stand-in above")
-
-
-@needs_deconv
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("d,density", [(1, 1.0), (2, 0.4), (3, "one")])
 def test_unet_matches_dense(device, rng, dtype, d, density):
@@ -511,7 +504,6 @@ def test_unet_matches_dense(device, rng, dtype, d, density):
     check_graph(unet_modules(net), net, x, rng, at_input_sites=True)
 
 
-@needs_deconv
 def test_unet_save_load(device, rng, tmp_path):
     net = scn.models.UNet((3, 4), 1, in_channels=1, num_classes=2, seed=2)
     net = randomize(net, rng, device).to(device).eval()

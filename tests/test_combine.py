@@ -11,6 +11,7 @@ import pytest
 import sparsecnn as scn
 from sparsecnn import backend
 from tests import dense_reference as ref
+from tests.conftest import DEVICES
 from tests.sparse_helpers import (
     assert_close,
     dense_of,
@@ -411,9 +412,8 @@ def test_bad_input(rng):
         net(_tensor(rng, [[0, 1, 1]], 2, (5, 5), 1, np.float32, "cpu"))
 
 
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"], indirect=True)
 def test_device_mismatch(device, rng):
-    if device == "cpu":
-        pytest.skip("needs the cuda device (GPU or simulation)")
     a = _tensor(rng, [[0, 1, 1]], 2, (4, 4), 1, np.float32, "cpu")
     b = _tensor(rng, [[0, 2, 1]], 2, (4, 4), 1, np.float32, device)
     with pytest.raises(ValueError, match="b is on 'cuda' but a is on 'cpu'"):

@@ -258,13 +258,12 @@ def test_hash_long_clusters_match_cpu_layout(kind, monkeypatch, rng):
     assert keys.shape == (1 << bits,)
 
 
-@pytest.mark.parametrize("f", [1, 3, 5])
-@pytest.mark.parametrize("spatial,n,batch", [((20,), 15, 2), ((12, 12), 60, 2),
-                                             ((6, 6, 6), 60, 2), ((4, 4, 4, 4), 40, 2),
-                                             ((2**20, 2**20), 30, 2)])
+# f = 5 in 4-D (K = 625) is left out: covered in d <= 3 and by f = 3 in d = 4
+@pytest.mark.parametrize("f,spatial,n,batch", [
+    (f, *case) for case in [((20,), 15, 2), ((12, 12), 60, 2), ((6, 6, 6), 60, 2),
+                            ((4, 4, 4, 4), 40, 2), ((2**20, 2**20), 30, 2)]
+    for f in (1, 3, 5) if not (len(case[0]) == 4 and f == 5)])
 def test_submanifold_rulebook_equals_cpu(kind, monkeypatch, rng, f, spatial, n, batch):
-    if len(spatial) == 4 and f == 5:
-        pytest.skip("K = 625: covered in d <= 3 and by f = 3 in d = 4")
     coords = library_geometry(random_sites(rng, n, spatial, batch), spatial).coords
     if spatial[0] == 2**20:   # clusters, so that neighbours exist on the huge grid
         coords = np.unique(np.concatenate([coords, coords + [0, 1, 0], coords + [0, 0, 1]]),
