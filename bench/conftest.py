@@ -50,6 +50,34 @@ def make_input(workload_a):
     return make
 
 
+def torch_deepcnet(torch, model):
+    """The dense PyTorch network of a 2-D DeepCNet with its weights (convolutions, a 2x2
+    max-pooling between them, ReLU after each, the linear classifier); weight layouts as in
+    design.md: torch_weight[co, ci, i0, i1] == weight[k, ci, co], k row-major."""
+    from tests import dense_reference as ref
+
+    def host(a):
+        return np.array(scn.backend.to_host(a))
+
+    layers = []
+    convs = [m for m in model.features if isinstance(m, scn.Convolution)]
+    for i, c in enumerate(convs):
+        conv = torch.nn.Conv2d(c.in_channels, c.out_channels, c.filter_size)
+        conv.weight.data = torch.from_numpy(ref.weight_to_torch_layout(host(c.weight.data),
+                                                                       c.filter_size, 2))
+        conv.bias.data = torch.from_numpy(host(c.bias.data))
+        layers += [conv, torch.nn.ReLU()]
+        if i < len(convs) - 1:
+            layers.append(torch.nn.MaxPool2d(2))
+    layers.append(torch.nn.Flatten())
+    cls = model.classifier
+    lin = torch.nn.Linear(cls.in_features, cls.out_features)
+    lin.weight.data = torch.from_numpy(host(cls.weight.data).T.copy())
+    lin.bias.data = torch.from_numpy(host(cls.bias.data))
+    layers.append(lin)
+    return torch.nn.Sequential(*layers)
+
+
 @pytest.fixture(scope="session")
 def model():
     return scn.models.DeepCNet(5, 32, num_classes=10, seed=0)

@@ -32,13 +32,12 @@ from functools import cache
 
 import numpy as np
 import pytest
-from conftest import RESULTS, record
+from conftest import RESULTS, record, torch_deepcnet
 from gpu_check import ANCHORS, count_launches
 from workload import generate_workload
 
 import sparsecnn as scn
 from sparsecnn import backend, stats
-from tests import dense_reference as ref
 
 pytestmark = pytest.mark.gpu
 
@@ -332,22 +331,7 @@ def _torch_setup(torch, dev, w: Workload):
     if key in _torch_nets:
         return _torch_nets[key]
     model = w.models["cpu"]
-    layers = []
-    convs = [m for m in model.features if isinstance(m, scn.Convolution)]
-    for i, c in enumerate(convs):
-        conv = torch.nn.Conv2d(c.in_channels, c.out_channels, c.filter_size)
-        conv.weight.data = torch.from_numpy(ref.weight_to_torch_layout(c.weight.data,
-                                                                       c.filter_size, 2))
-        conv.bias.data = torch.from_numpy(c.bias.data.copy())
-        layers += [conv, torch.nn.ReLU()]
-        if i < len(convs) - 1:
-            layers.append(torch.nn.MaxPool2d(2))
-    layers.append(torch.nn.Flatten())
-    lin = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
-    lin.weight.data = torch.from_numpy(model.classifier.weight.data.T.copy())
-    lin.bias.data = torch.from_numpy(model.classifier.bias.data.copy())
-    layers.append(lin)
-    net = torch.nn.Sequential(*layers).to(dev)
+    net = torch_deepcnet(torch, model).to(dev)
     x = np.zeros((w.batch, 1, w.size, w.size), np.float32)
     c = w.coords
     x[c[:, 0], 0, c[:, 1], c[:, 2]] = w.features[:, 0]

@@ -5,10 +5,10 @@ training on new batches.
 """
 import numpy as np
 import pytest
-from conftest import record
+from conftest import record, torch_deepcnet
 
 import sparsecnn as scn
-from sparsecnn import stats
+from sparsecnn import _cpu, stats
 from tests import dense_reference as ref
 
 
@@ -82,23 +82,8 @@ def test_sparse_equals_dense_on_workload(model, make_input, dense_input):
 @pytest.fixture(scope="module")
 def torch_net(model):
     torch = pytest.importorskip("torch")
-    torch.set_num_threads(scn._cpu.max_threads())
-    layers = []
-    convs = [m for m in model.features if isinstance(m, scn.Convolution)]
-    for i, c in enumerate(convs):
-        conv = torch.nn.Conv2d(c.in_channels, c.out_channels, c.filter_size)
-        conv.weight.data = torch.from_numpy(ref.weight_to_torch_layout(c.weight.data,
-                                                                       c.filter_size, 2))
-        conv.bias.data = torch.from_numpy(c.bias.data.copy())
-        layers += [conv, torch.nn.ReLU()]
-        if i < len(convs) - 1:
-            layers.append(torch.nn.MaxPool2d(2))
-    layers.append(torch.nn.Flatten())
-    lin = torch.nn.Linear(model.classifier.in_features, model.classifier.out_features)
-    lin.weight.data = torch.from_numpy(model.classifier.weight.data.T.copy())
-    lin.bias.data = torch.from_numpy(model.classifier.bias.data.copy())
-    layers.append(lin)
-    return torch, torch.nn.Sequential(*layers)
+    torch.set_num_threads(_cpu.max_threads())
+    return torch, torch_deepcnet(torch, model)
 
 
 def test_net_forward_torch_dense(benchmark, torch_net, dense_input, model, make_input):
