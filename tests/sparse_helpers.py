@@ -65,6 +65,27 @@ def assert_close(actual, expected, dtype, msg=""):
     np.testing.assert_allclose(np_(actual), expected, err_msg=msg, **tol(dtype))
 
 
+def set_params(layer, rng, dtype):
+    """Standard-normal values for every parameter of ``layer`` (non-zero biases too)."""
+    for p in layer.parameters():
+        p.data = rng.standard_normal(p.shape).astype(dtype)
+
+
+def backprop(y, rng):
+    """A random upstream gradient through ``y.to_dense()``; returns it (host array)."""
+    yd = y.to_dense()
+    G = rng.standard_normal(yd.shape).astype(yd.dtype)
+    yd.backward(G)
+    return G
+
+
+def check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
+    """``x.grad`` and ``x.ground_grad`` against the dense gradient of the input."""
+    at_sites, inactive = split_input_grad(x, gx_dense)
+    assert_close(x.grad, at_sites, dtype, "input grad at active sites")
+    assert_close(x.ground_grad, inactive + extra_ground, dtype, "ground grad")
+
+
 def oracle_net(layers):
     """(layer specs, param arrays) of library layers (a Sequential or a list) for
     ref.net_forward / ref.net_backward, in each layer's current mode (ground state, train /

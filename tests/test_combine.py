@@ -14,6 +14,7 @@ from tests import dense_reference as ref
 from tests.conftest import DEVICES
 from tests.sparse_helpers import (
     assert_close,
+    backprop,
     dense_of,
     np_,
     oracle_input,
@@ -71,13 +72,6 @@ def _union_order(*tensors):
                 seen.add(tuple(r))
                 out.append(r)
     return np.asarray(out, dtype=np.int32).reshape(-1, tensors[0].coords.shape[1])
-
-
-def _backprop(y, rng):
-    yd = y.to_dense()
-    G = rng.standard_normal(yd.shape).astype(yd.dtype)
-    yd.backward(G)
-    return G
 
 
 def _check_grads(x, dense_grad, gs, dtype, what):
@@ -175,7 +169,7 @@ def test_add_matches_dense(device, rng, d, da, rel, db, dtype, gs):
     assert_close(y.ground, np_(a.ground) + np_(b.ground) if gs else np.zeros(3), dtype,
                  "ground")
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     ga, gb = ref.add_backward(xa, xb, G) if gs else ref.add_zero_backward(xa, ma, xb, mb, G)
     _check_grads(a, ga, gs, dtype, "a")
     _check_grads(b, gb, gs, dtype, "b")
@@ -199,7 +193,7 @@ def test_concat_matches_dense(device, rng, d, rels, dtype, gs):
     g = np.concatenate([np_(t.ground) for t in ts])
     assert_close(y.ground, g if gs else 0 * g, dtype, "ground")
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     grads = ref.concat_backward(xs, G) if gs else ref.concat_zero_backward(xs, masks, G)
     for i, (t, gx) in enumerate(zip(ts, grads, strict=True)):
         _check_grads(t, gx, gs, dtype, f"tensors[{i}]")
@@ -209,7 +203,7 @@ def test_one_input_needs_no_grad(device, rng):
     a = _tensor(rng, random_sites(rng, 1, (4, 4), 0.3), 2, (4, 4), 1, np.float64, device)
     b = _partner(rng, a, "indep", 0.3, 2, np.float64, device)
     b.requires_grad = False
-    _backprop(scn.add(a, b), rng)
+    backprop(scn.add(a, b), rng)
     assert a.grad is not None and b.grad is None
     with scn.no_grad():
         y = scn.concat([a, b])
@@ -295,7 +289,7 @@ def test_residual_matches_dense(device, rng, d, strided, gs):
     np.testing.assert_array_equal(dense_of(y)[1], ref.union_mask(ms, mb))
     expected = ref.add_forward(ys, yb) if gs else ref.add_zero_forward(ys, ms, yb, mb)
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     gys, gyb = ref.add_backward(ys, yb, G) if gs else ref.add_zero_backward(ys, ms, yb, mb, G)
     gx_b, gg_b, gp_b = ref.net_backward(xd, mask, g, *blk, gyb)
     c = np_(x.coords)
@@ -328,7 +322,7 @@ def test_concat_module_matches_dense(device, rng, gs):
     ys, ms = [o[1][0] for o in outs], [o[1][1] for o in outs]
     expected = ref.concat_forward(ys) if gs else ref.concat_zero_forward(ys, ms)
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     gys = ref.concat_backward(ys, G) if gs else ref.concat_zero_backward(ys, ms, G)
     c = np_(x.coords)
     at, inactive = split_input_grad(x, gys[0])

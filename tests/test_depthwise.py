@@ -13,29 +13,19 @@ import sparsecnn as scn
 from sparsecnn import backend
 from tests import dense_reference as ref
 from tests.conftest import CUDA_MODE, CUDA_WHY
-from tests.sparse_helpers import assert_close, dense_of, np_, random_sparse, split_input_grad
+from tests.sparse_helpers import (
+    assert_close,
+    backprop,
+    check_input_grads,
+    dense_of,
+    np_,
+    random_sparse,
+    set_params,
+)
 from tests.test_dense_reference import assert_vjp
 
 MODES = pytest.mark.parametrize("gs", [True, False], ids=["ground", "zero"])
 DENSITIES = [0.0, "one", 0.3, 1.0]
-
-
-def _set_params(layer, rng, dtype):
-    for p in layer.parameters():
-        p.data = rng.standard_normal(p.shape).astype(dtype)
-
-
-def _backprop(y, rng):
-    yd = y.to_dense()
-    G = rng.standard_normal(yd.shape).astype(yd.dtype)
-    yd.backward(G)
-    return G
-
-
-def _check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
-    at_sites, inactive = split_input_grad(x, gx_dense)
-    assert_close(x.grad, at_sites, dtype, "input grad at active sites")
-    assert_close(x.ground_grad, inactive + extra_ground, dtype, "ground grad")
 
 
 # -- the oracle --------------------------------------------------------------------------------
@@ -124,7 +114,7 @@ def test_depthwise_convolution(d, f, s, c, density, dtype, gs, rng, device):
     spatial = (f + s * (m - 1),) * d
     x = random_sparse(rng, 2, spatial, c, density, dtype, device=device)
     conv = scn.DepthwiseConvolution(c, f, s, dim=d, dtype=dtype).set_ground_state(gs)
-    _set_params(conv, rng, dtype)
+    set_params(conv, rng, dtype)
     conv.to(device)
     y = conv(x)
     assert y.device == x.device
@@ -140,14 +130,14 @@ def test_depthwise_convolution(d, f, s, c, density, dtype, gs, rng, device):
     assert_close(y.ground, g_out, dtype, "output ground")
     _, out_mask = dense_of(y)
     np.testing.assert_array_equal(out_mask, ref.window_mask(mask, f, s))
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     if gs:
         gx, gW, gb = ref.depthwise_backward(xd, W, b, f, s, G)
     else:
         gx, gW, gb = ref.depthwise_zero_backward(xd, mask, W, b, f, s, G)
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
-    _check_input_grads(x, gx, dtype)
+    check_input_grads(x, gx, dtype)
 
 
 @MODES
@@ -158,7 +148,7 @@ def test_submanifold_depthwise_convolution(d, f, c, density, dtype, gs, rng, dev
     spatial = {1: (9,), 2: (5, 4), 3: (3, 4, 3)}[d]
     x = random_sparse(rng, 2, spatial, c, density, dtype, device=device)
     conv = scn.SubmanifoldDepthwiseConvolution(c, f, dim=d, dtype=dtype).set_ground_state(gs)
-    _set_params(conv, rng, dtype)
+    set_params(conv, rng, dtype)
     conv.to(device)
     y = conv(x)
     assert y.geometry is x.geometry
@@ -170,14 +160,14 @@ def test_submanifold_depthwise_convolution(d, f, c, density, dtype, gs, rng, dev
     else:
         expected = ref.submanifold_depthwise_zero_forward(xd, mask, W, b, f)
     assert_close(y.to_dense().numpy(), expected, dtype, "forward")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     if gs:
         gx, g_ground, gW, gb = ref.submanifold_depthwise_backward(xd, mask, g, W, b, f, G)
     else:
         (gx, gW, gb), g_ground = ref.submanifold_depthwise_zero_backward(xd, mask, W, b, f, G), 0
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
-    _check_input_grads(x, gx, dtype, extra_ground=g_ground)
+    check_input_grads(x, gx, dtype, extra_ground=g_ground)
 
 
 def test_no_bias_and_frozen_input(rng, device):
@@ -188,7 +178,7 @@ def test_no_bias_and_frozen_input(rng, device):
     W = np_(conv.weight.data)
     assert_close(y.to_dense().numpy(), ref.depthwise_forward(xd, W, np.zeros(3), 3, 1),
                  np.float64)
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     assert_close(conv.weight.grad, ref.depthwise_backward(xd, W, np.zeros(3), 3, 1, G)[1],
                  np.float64)
     assert x.grad is None
@@ -200,8 +190,8 @@ def test_separable_is_depthwise_then_network_in_network(rng, device):
     x = random_sparse(rng, 2, (7, 7), 3, 0.3, device=device)
     dw = scn.DepthwiseConvolution(3, 3, 2, dtype=np.float64)
     pw = scn.NetworkInNetwork(3, 4, dtype=np.float64)
-    _set_params(dw, rng, np.float64)
-    _set_params(pw, rng, np.float64)
+    set_params(dw, rng, np.float64)
+    set_params(pw, rng, np.float64)
     conv = scn.Convolution(3, 4, 3, 2, dtype=np.float64)
     Wd, bd, Wp, bp = (np_(p.data) for p in (dw.weight, dw.bias, pw.weight, pw.bias))
     conv.weight.data = Wd[:, :, None] * Wp[None]

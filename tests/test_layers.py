@@ -10,13 +10,15 @@ import sparsecnn as scn
 from tests import dense_reference as ref
 from tests.sparse_helpers import (
     assert_close,
+    backprop,
+    check_input_grads,
     check_net,
     dense_of,
     np_,
     oracle_input,
     oracle_net,
     random_sparse,
-    split_input_grad,
+    set_params,
 )
 
 DENSITIES = [0.0, "one", 0.05, 0.3, 1.0]
@@ -36,25 +38,6 @@ def _conv_cases():
 def _size(d, f, s, m):
     """An input size with (N - f) % s == 0 and m outputs per dim."""
     return f + s * (m - 1)
-
-
-def _set_params(layer, rng, dtype):
-    for p in layer.parameters():
-        p.data = rng.standard_normal(p.shape).astype(dtype)
-
-
-def _backprop(y, rng):
-    """Random upstream gradient through y.to_dense(); returns it."""
-    yd = y.to_dense()
-    G = rng.standard_normal(yd.shape).astype(yd.dtype)
-    yd.backward(G)
-    return G
-
-
-def _check_input_grads(x, gx_dense, dtype, extra_ground=0.0):
-    at_sites, inactive = split_input_grad(x, gx_dense)
-    assert_close(x.grad, at_sites, dtype, "input grad at active sites")
-    assert_close(x.ground_grad, inactive + extra_ground, dtype, "ground grad")
 
 
 def _check_ground(layer, x, y, gs, dtype):
@@ -78,7 +61,7 @@ def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng, device):
     batch = 2
     x = random_sparse(rng, batch, spatial, cin, density, dtype, device=device)
     conv = scn.Convolution(cin, cout, f, s, dim=d, dtype=dtype).set_ground_state(gs)
-    _set_params(conv, rng, dtype)
+    set_params(conv, rng, dtype)
     conv.to(device)
     y = conv(x)
     xd, in_mask = dense_of(x)
@@ -93,14 +76,14 @@ def test_convolution(d, f, s, cin, cout, density, dtype, gs, rng, device):
     win = ref.maxpool_forward(in_mask[:, None].astype(float), f, s)[:, 0] > 0
     _, out_mask = dense_of(y)
     np.testing.assert_array_equal(out_mask, win)
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     if gs:
         gx, gW, gb = ref.conv_backward(xd, W, b, f, s, G)
     else:
         gx, gW, gb = ref.conv_zero_backward(xd, in_mask, W, b, f, s, G)
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
-    _check_input_grads(x, gx, dtype)
+    check_input_grads(x, gx, dtype)
 
 
 @MODES
@@ -113,7 +96,7 @@ def test_submanifold_convolution(d, f, cin, cout, density, dtype, gs, rng, devic
     spatial = {1: (9,), 2: (6, 5), 3: (4, 3, 4), 4: (3, 3, 2, 3)}[d]
     x = random_sparse(rng, 2, spatial, cin, density, dtype, device=device)
     conv = scn.SubmanifoldConvolution(cin, cout, f, dim=d, dtype=dtype).set_ground_state(gs)
-    _set_params(conv, rng, dtype)
+    set_params(conv, rng, dtype)
     conv.to(device)
     y = conv(x)
     assert y.geometry is x.geometry
@@ -126,14 +109,14 @@ def test_submanifold_convolution(d, f, cin, cout, density, dtype, gs, rng, devic
         expected = ref.submanifold_zero_forward(xd, mask, W, b, f)
     assert_close(y.to_dense().numpy(), expected, dtype)
     _check_ground(conv, x, y, gs, dtype)
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     if gs:
         gx, g_ground, gW, gb = ref.submanifold_backward(xd, mask, g, W, b, f, G)
     else:
         (gx, gW, gb), g_ground = ref.submanifold_zero_backward(xd, mask, W, b, f, G), 0.0
     assert_close(conv.weight.grad, gW, dtype, "weight grad")
     assert_close(conv.bias.grad, gb, dtype, "bias grad")
-    _check_input_grads(x, gx, dtype, extra_ground=g_ground)
+    check_input_grads(x, gx, dtype, extra_ground=g_ground)
 
 
 POOL_CASES = [(1, 2, 2), (1, 3, 1), (1, 3, 2), (2, 2, 2), (2, 3, 1), (2, 3, 3), (2, 2, 1),
@@ -163,8 +146,8 @@ def test_pooling(d, f, s, kind, density, dtype, gs, rng, device):
         bwd = lambda xd, f, s, G: zb(xd, mask, f, s, G)  # noqa: E731
     assert_close(y.to_dense().numpy(), fwd(xd, f, s), dtype, "forward")
     _check_ground(layer, x, y, gs, dtype)
-    G = _backprop(y, rng)
-    _check_input_grads(x, bwd(xd, f, s, G), dtype)
+    G = backprop(y, rng)
+    check_input_grads(x, bwd(xd, f, s, G), dtype)
 
 
 @MODES
@@ -174,7 +157,7 @@ def test_pooling(d, f, s, kind, density, dtype, gs, rng, device):
 def test_network_in_network(d, density, dtype, gs, rng, device):
     x = random_sparse(rng, 3, (4,) * d, 4, density, dtype, device=device)
     nin = scn.NetworkInNetwork(4, 6, dtype=dtype).set_ground_state(gs)
-    _set_params(nin, rng, dtype)
+    set_params(nin, rng, dtype)
     nin.to(device)
     y = nin(x)
     xd, mask = dense_of(x)
@@ -185,14 +168,14 @@ def test_network_in_network(d, density, dtype, gs, rng, device):
         expected = ref.nin_zero_forward(xd, mask, W, b)
     assert_close(y.to_dense().numpy(), expected, dtype)
     _check_ground(nin, x, y, gs, dtype)
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     if gs:
         gx, gW, gb = ref.nin_backward(xd, W, b, G)
     else:
         gx, gW, gb = ref.nin_zero_backward(xd, mask, W, b, G)
     assert_close(nin.weight.grad, gW, dtype)
     assert_close(nin.bias.grad, gb, dtype)
-    _check_input_grads(x, gx, dtype)
+    check_input_grads(x, gx, dtype)
 
 
 @MODES
@@ -213,8 +196,8 @@ def test_activations(d, slope, dtype, gs, rng, device):
         expected = ref.leaky_relu_forward(xd, slope)
         back = lambda G: ref.leaky_relu_backward(xd, slope, G)  # noqa: E731
     assert_close(y.to_dense().numpy(), expected, dtype)
-    G = _backprop(y, rng)
-    _check_input_grads(x, back(G), dtype)
+    G = backprop(y, rng)
+    check_input_grads(x, back(G), dtype)
 
 
 @MODES
@@ -248,12 +231,12 @@ def test_batchnorm(d, density, train, dtype, gs, rng, device):
         mean, var = out[1], out[2]
         assert_close(bn.running_mean, 0.9 * rm0 + 0.1 * mean, dtype, "running mean")
         assert_close(bn.running_var, 0.9 * rv0 + 0.1 * var * n / (n - 1), dtype, "running var")
-    G = _backprop(y, rng)
+    G = backprop(y, rng)
     bn_bwd = ref.batchnorm_backward if gs else ref.batchnorm_zero_backward
     gx, gg, gb = bn_bwd(xd, mask, gamma, beta, bn.eps, G, **kw)
     assert_close(bn.weight.grad, gg, dtype)
     assert_close(bn.bias.grad, gb, dtype)
-    _check_input_grads(x, gx, dtype)
+    check_input_grads(x, gx, dtype)
 
 
 def test_dropout(rng):
@@ -296,7 +279,7 @@ def test_to_dense_from_dense_round_trip(dtype, rng):
     x = random_sparse(rng, 3, (4, 5), 2, 0.3, dtype)
     G = rng.standard_normal((3, 2, 4, 5)).astype(dtype)
     x.to_dense().backward(G)
-    _check_input_grads(x, G, dtype)
+    check_input_grads(x, G, dtype)
 
 
 def test_ground_state_false_gives_modern_semantics(rng):
@@ -331,7 +314,7 @@ def test_to_dense_in_both_modes(dtype, rng):
     for gs in (True, False):
         np.testing.assert_array_equal(scn.SparseToDense().set_ground_state(gs)(x).numpy(), xd)
     nin = scn.NetworkInNetwork(2, 3, dtype=dtype)
-    _set_params(nin, rng, dtype)
+    set_params(nin, rng, dtype)
     y = scn.Sequential(nin, scn.SparseToDense()).set_ground_state(False)(x).numpy()
     assert_close(y, ref.nin_zero_forward(xd, mask, nin.weight.data, nin.bias.data), dtype)
     assert (np.moveaxis(y, 1, -1)[~mask] == 0).all()
