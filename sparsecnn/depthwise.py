@@ -24,7 +24,6 @@ import numpy as np
 from . import backend
 from .autograd import Parameter, is_grad_enabled, record
 from .functional import _check_param, _check_size, _check_sparse, colsum
-from .geometry import MAX_WINDOW
 from .nn import (
     Module,
     _check_dim_arg,
@@ -32,6 +31,7 @@ from .nn import (
     _check_input_dim,
     _check_int,
     _check_weight_size,
+    _check_window_volume,
     _register,
     he_normal,
 )
@@ -148,10 +148,7 @@ class _DepthwiseBase(Module):
         self.filter_size = _check_int(filter_size, "filter_size")
         self.dim = _check_dim_arg(dim)
         dtype = _check_dtype(dtype)
-        K = self.filter_size ** self.dim
-        if K > MAX_WINDOW:
-            raise ValueError(f"filter_size**dim = {self.filter_size}**{self.dim} = {K} exceeds "
-                             f"the limit 2**24 on the window volume")
+        K = _check_window_volume(self.filter_size, self.dim)
         _check_weight_size((K, self.channels), "(filter_size**dim, channels)")
         rng = np.random.default_rng(seed)
         self.weight = Parameter(he_normal(rng, (K, self.channels), K, dtype=dtype))

@@ -61,6 +61,7 @@ from .nn import (
     _check_input_dim,
     _check_int,
     _register,
+    classify,
 )
 from .tensor import SparseTensor, Tensor
 
@@ -428,17 +429,7 @@ class FMPNet(Module):
 
     def forward(self, x: SparseTensor) -> Tensor:
         """SparseTensor (B, input_size^dim, in_channels) -> logits (B, num_classes)."""
-        if not isinstance(x, SparseTensor):
-            raise TypeError(f"FMPNet expects a SparseTensor, got {type(x).__name__}")
-        n = self.input_size
-        if tuple(x.spatial_shape) != (n,) * self.dim:
-            raise ValueError(f"{self!r} needs spatial_shape {(n,) * self.dim}, got "
-                             f"{tuple(x.spatial_shape)}")
-        if x.channels != self.in_channels:
-            raise ValueError(f"{self!r} expects {self.in_channels} input channels, got "
-                             f"{x.channels}")
-        y = self.features(x).to_dense()
-        return self.classifier(y.reshape(y.shape[0], int(np.prod(y.shape[1:]))))
+        return classify(self, x)
 
     def _spec_args(self) -> dict[str, Any]:
         return dict(n_layers=self.n_layers, k=self.k, ratio=self.ratio,

@@ -31,6 +31,7 @@ from .nn import (
     _check_dtype,
     _check_int,
     _register,
+    classify,
 )
 from .tensor import SparseTensor, Tensor
 
@@ -110,18 +111,7 @@ class _DeepNet(Module):
 
     def forward(self, x: SparseTensor) -> Tensor:
         """SparseTensor (batch B, spatial input_size^dim, in_channels) -> logits (B, classes)."""
-        if not isinstance(x, SparseTensor):
-            raise TypeError(f"{type(self).__name__} expects a SparseTensor, got "
-                            f"{type(x).__name__}")
-        n = self.input_size
-        if tuple(x.spatial_shape) != (n,) * self.dim:
-            raise ValueError(f"{self!r} needs spatial_shape {(n,) * self.dim} (input_size = "
-                             f"3 * 2**l = {n}), got {tuple(x.spatial_shape)}")
-        if x.channels != self.in_channels:
-            raise ValueError(f"{self!r} expects {self.in_channels} input channels, got "
-                             f"{x.channels}")
-        y = self.features(x).to_dense()
-        return self.classifier(y.reshape(y.shape[0], int(np.prod(y.shape[1:]))))
+        return classify(self, x, f" (input_size = 3 * 2**l = {self.input_size})")
 
     def _spec_args(self) -> dict[str, Any]:
         return dict(l=self.l, k=self.k, in_channels=self.in_channels,

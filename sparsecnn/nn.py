@@ -58,6 +58,34 @@ def _check_weight_size(shape: tuple[int, ...], names: str) -> None:
                          f"limit 2**31")
 
 
+def _check_window_volume(filter_size: int, dim: int) -> int:
+    """K = filter_size**dim, refused above MAX_WINDOW before a weight of K rows is made."""
+    K = filter_size ** dim
+    if K > MAX_WINDOW:
+        raise ValueError(f"filter_size**dim = {filter_size}**{dim} = {K} exceeds the limit "
+                         f"2**24 on the window volume")
+    return K
+
+
+def classify(model: Module, x: Any, size_rule: str = "") -> Tensor:
+    """The forward of a network with a sparse ``features`` Sequential down to 1^d and a
+    ``classifier``: checks that ``x`` is a SparseTensor of ``model.input_size``^dim sites with
+    ``model.in_channels`` channels (``size_rule`` explains the size in the message), then
+    logits (B, num_classes)."""
+    if not isinstance(x, SparseTensor):
+        raise TypeError(f"{type(model).__name__} expects a SparseTensor, got "
+                        f"{type(x).__name__}")
+    n = model.input_size
+    if tuple(x.spatial_shape) != (n,) * model.dim:
+        raise ValueError(f"{model!r} needs spatial_shape {(n,) * model.dim}{size_rule}, got "
+                         f"{tuple(x.spatial_shape)}")
+    if x.channels != model.in_channels:
+        raise ValueError(f"{model!r} expects {model.in_channels} input channels, got "
+                         f"{x.channels}")
+    y = model.features(x).to_dense()
+    return model.classifier(y.reshape(y.shape[0], int(np.prod(y.shape[1:]))))
+
+
 def _check_dtype(dtype: Any) -> np.dtype:
     try:
         dt = np.dtype(dtype)
@@ -273,11 +301,7 @@ class _ConvBase(Module):
         self.filter_size = _check_int(filter_size, "filter_size")
         self.dim = _check_dim_arg(dim)
         dtype = _check_dtype(dtype)
-        K = self.filter_size ** self.dim
-        # refused before the weight (K, C_in, C_out) is allocated
-        if K > MAX_WINDOW:
-            raise ValueError(f"filter_size**dim = {self.filter_size}**{self.dim} = {K} exceeds "
-                             f"the limit 2**24 on the window volume")
+        K = _check_window_volume(self.filter_size, self.dim)
         _check_weight_size((K, self.in_channels, self.out_channels),
                            "(filter_size**dim, in_channels, out_channels)")
         rng = np.random.default_rng(seed)
