@@ -419,6 +419,17 @@ def _check_bn_options(eps: Any, momentum: Any) -> None:
         raise ValueError(f"BatchNorm: momentum must be a number in [0, 1], got {momentum!r}")
 
 
+def update_running_stats(running_mean: Any, running_var: Any, mean: Any, var: Any, n: int,
+                         momentum: float) -> None:
+    """Move BatchNorm's running statistics (in place) towards a batch's ``mean`` and biased
+    ``var`` over ``n`` values, by ``momentum``; the variance as the unbiased estimate."""
+    unbiased = var * (n / (n - 1)) if n > 1 else var
+    running_mean *= 1 - momentum
+    running_mean += momentum * mean
+    running_var *= 1 - momentum
+    running_var += momentum * unbiased
+
+
 def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean, running_var,
                *, training: bool, momentum: float = 0.1, eps: float = 1e-5,
                ground_state: bool = True, sync: Any = None) -> SparseTensor:
@@ -456,11 +467,7 @@ def batch_norm(x: SparseTensor, gamma: Parameter, beta: Parameter, running_mean,
         else:
             mean = colsum(x.features) / n
             var = colsum((x.features - mean) ** 2) / n
-        unbiased = var * (n / (n - 1)) if n > 1 else var
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += momentum * unbiased
+        update_running_stats(running_mean, running_var, mean, var, n, momentum)
     else:
         mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
     inv = 1.0 / xp.sqrt(var + eps)

@@ -36,7 +36,13 @@ import numpy as np
 
 from . import backend
 from .autograd import Parameter, record
-from .functional import _check_bn_options, _check_param, _check_sparse, colsum
+from .functional import (
+    _check_bn_options,
+    _check_param,
+    _check_sparse,
+    colsum,
+    update_running_stats,
+)
 from .nn import Module, _register
 from .tensor import SparseTensor, Tensor
 
@@ -251,11 +257,7 @@ def dense_batch_norm(x: Tensor, gamma: Parameter, beta: Parameter, running_mean:
             raise ValueError("BatchNorm in training mode needs a non-empty batch")
         mean = colsum(v) / B
         var = colsum(xp.ascontiguousarray((v - mean) ** 2)) / B
-        unbiased = var * (B / (B - 1)) if B > 1 else var
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += momentum * unbiased
+        update_running_stats(running_mean, running_var, mean, var, B, momentum)
     else:
         mean, var = running_mean.astype(x.dtype), running_var.astype(x.dtype)
     inv = 1.0 / xp.sqrt(var + eps)
